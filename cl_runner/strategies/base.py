@@ -1,0 +1,139 @@
+"""The strategy protocol: loop-agnostic hooks in Avalanche's vocabulary.
+
+The loop calls every hook at a fixed point (see `cl_runner/loop.py`) and never names a
+strategy. Every hook is a no-op by default, so a strategy overrides only what it changes.
+Base strategies (seq_ft, ewc, ...) and add-ons (replay, lr_schedule, lines) implement the
+same protocol; `StrategyStack` in `stack.py` runs one base and any add-ons together.
+
+Task indices `t` are 0-based throughout the code (task t is row t+1 of R).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from cl_runner.streams.task import Example, Task, TaskStream
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StrategyContext:
+    """What the loop shares with strategies at `setup`. Strategies never import the loop:
+    everything they need to run the model is handed to them here."""
+
+    accelerator: Any  # accelerate.Accelerator
+    model: nn.Module  # the prepared (possibly DDP-wrapped) training model
+    stream: TaskStream
+    model_kind: str  # "causal" | "seq2seq" | "classifier"
+    model_family: str  # "gpt2" | "llama" | "t5" | "bert" | ... (lower-case model_type)
+    seed: int
+    trainer: Any  # the validated trainer config (lr, weight_decay, batch_size, ...)
+    # loss_fn(model, batch) -> mean loss over the batch's answer tokens (or labels)
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor]
+    # collate(examples) -> a batch of tensors on the accelerator's device
+    collate: Callable[[list[Example]], Batch]
+    # log(metrics) -> sends numbers to the tracker (rank 0 only)
+    log: Callable[[dict[str, Any]], None] = lambda metrics: None
+    # train_steps(model, batches, lr_at) -> runs plain optimizer steps on the given
+    # batches with a fresh optimizer (used e.g. to anneal a copy before evaluation)
+    train_steps: Optional[Callable[..., None]] = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+class Strategy:
+    """Base class with no-op hooks. Subclasses set `name` and take their config node."""
+
+    name: str = "base"
+    # Keep the optimizer (and its moments) from one task to the next.
+    carry_optimizer: bool = False
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+        self.ctx: StrategyContext | None = None
+
+    # -- life cycle ---------------------------------------------------------------
+    def setup(self, ctx: StrategyContext) -> None:
+        self.ctx = ctx
+
+    def before_task(self, t: int, task: Task) -> None:
+        """Before task t's first step (and before its optimizer is built)."""
+
+    def after_task(self, t: int, task: Task) -> None:
+        """After task t's last step, before it is evaluated."""
+
+    # -- data -----------------------------------------------------------------------
+    def train_examples(self, t: int, task: Task, examples: list[Example]) -> list[Example]:
+        """The examples task t trains on (multitask takes the union of tasks so far)."""
+        return examples
+
+    def compose_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
+        """Rewrite the stream of batches (replay mixes stored examples in)."""
+        return batches
+
+    def num_train_steps(self, t: int, steps: int) -> int:
+        """The number of optimizer steps for task t, given the trainer's count."""
+        return steps
+
+    # -- optimisation ---------------------------------------------------------------
+    def optimizer(self, named_params: list[tuple[str, nn.Parameter]], previous: Optional[torch.optim.Optimizer]) -> Optional[torch.optim.Optimizer]:
+        """Return an optimizer to replace the trainer's AdamW, or None to keep it."""
+        return None
+
+    def lr_lambda(self, t: int, num_steps: int) -> Optional[Callable[[int], float]]:
+        """Return step -> multiplier of the base lr for task t, or None for the trainer's."""
+        return None
+
+    def penalty(self, model: nn.Module, batch: Batch) -> Optional[torch.Tensor]:
+        """A term added to the loss of every micro-batch (EWC)."""
+        return None
+
+    def after_backward(self) -> None:
+        """Once per optimizer step on the accumulated (unscaled) gradients, before
+        clipping and the step (gradient projection, masks, thresholds)."""
+
+    def before_optimizer_step(self) -> None:
+        """Right before optimizer.step()."""
+
+    def after_optimizer_step(self) -> None:
+        """Right after optimizer.step() (re-project the weight update)."""
+
+    # -- evaluation -----------------------------------------------------------------
+    def evaluation_weights(self, t: int) -> contextlib.AbstractContextManager:
+        """A context in which the model holds the weights to evaluate after task t
+        (LiNeS eval-only scaling, an annealed copy); the training weights come back on exit."""
+        return contextlib.nullcontext()
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extra_state_bytes(self) -> int:
+        """Bytes of state this strategy keeps beyond model and optimizer."""
+        return 0
+
+    def report(self) -> dict[str, Any]:
+        """Numbers for metrics.json (costs, chosen ranks, masks)."""
+        return {}
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Total bytes of the tensors inside nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -1,0 +1,21 @@
+"""Sequential fine-tuning: the baseline. Plain full fine-tuning task after task."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cl_runner.strategies.base import Strategy
+from cl_runner.strategies.registry import register
+
+
+@dataclass
+class SeqFTConfig:
+    name: str = "seq_ft"
+    # Keep AdamW's state across tasks instead of a fresh optimizer per task.
+    carry_optimizer: bool = False
+
+
+@register("seq_ft", config=SeqFTConfig)
+class SequentialFineTuning(Strategy):
+    def __init__(self, config: SeqFTConfig) -> None:
+        super().__init__(config)
+        self.carry_optimizer = bool(config.carry_optimizer)
