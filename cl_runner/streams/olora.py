@@ -194,9 +194,16 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
-def check_labels(records: list[dict], labels: Sequence[str], path: Path, field: str, policy: str = "error") -> list[dict]:
+def check_labels(
+    records: list[dict],
+    labels: Sequence[str],
+    path: str | Path,
+    field: str,
+    policy: str = "error",
+    indices: Sequence[int] | None = None,
+) -> list[dict]:
     """Records whose `field` is one of `labels`; the others are an error or, with
-    policy "drop", left out with a warning."""
+    policy "drop", left out with a warning. `indices` as in `require_fields`."""
     allowed = set(labels)
     outside = [i for i, r in enumerate(records) if r[field] not in allowed]
     if not outside:
@@ -207,7 +214,7 @@ def check_labels(records: list[dict], labels: Sequence[str], path: Path, field: 
         return [r for i, r in enumerate(records) if i not in dropped]
     first = outside[0]
     raise RecordError(
-        f"{path}: record {first}: field '{field}' is {records[first][field]!r}, not one of the labels "
+        f"{path}: record {indices[first] if indices is not None else first}: field '{field}' is {records[first][field]!r}, not one of the labels "
         f"{list(labels)} ({len(outside)} of {len(records)} records in this file are outside the labels; "
         f"unknown_labels='drop' leaves them out with a warning)"
     )

@@ -72,14 +72,16 @@ def require_fields(
     path: str | Path,
     *,
     allow_empty: Collection[str] = (),
+    indices: Sequence[int] | None = None,
 ) -> None:
     """Check that every record is an object whose `fields` are strings.
 
     A string that is empty or only whitespace is an error too, unless its field is in
-    `allow_empty` (e.g. the answers of a replay source).
+    `allow_empty` (e.g. the answers of a replay source). `indices` gives each record's
+    position in its source when `records` is a sample of it, so errors name the real row.
     """
-    for index, record in enumerate(records):
-        where = f"{path}: record {index}"
+    for k, record in enumerate(records):
+        where = f"{path}: record {indices[k] if indices is not None else k}"
         if not isinstance(record, dict):
             raise RecordError(f"{where} is a {type(record).__name__}, expected an object with fields {list(fields)}")
         for name in fields:
