@@ -1,0 +1,120 @@
+"""`cl-run`: compose the config once, validate it, make the run folder, run, report.
+
+Hydra does the composing (groups, overrides, multirun, SLURM launcher). The package's
+`configs/` is the base; a `configs/` folder in the working directory shadows it file by
+file, so users keep their own models and streams beside their code.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cl_runner.config import ConfigError, validate
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dirs(cwd: Path) -> tuple[Path, Optional[Path]]:
+    """(primary, extra): the working directory's configs/ first when it has one."""
+    local = cwd / "configs"
+    if local.is_dir() and local.resolve() != PACKAGE_CONFIGS.resolve():
+        return local.resolve(), PACKAGE_CONFIGS
+    return PACKAGE_CONFIGS, None
+
+
+def run_label(cfg: DictConfig) -> str:
+    base = cfg.strategy.name
+    addons = [k for k in ("replay", "lr_schedule", "lines") if cfg.get(k) is not None and cfg[k].get("enabled")]
+    return "_".join([cfg.task_stream.name, cfg.model.name, "+".join([base] + addons), f"s{cfg.seed}"])
+
+
+def load_config(raw: DictConfig) -> tuple[DictConfig, bool]:
+    """The validated config, or, with resume=DIR, the config saved in that run folder
+    (a resumed run continues with exactly the settings it started with)."""
+    resume = raw.get("resume")
+    if not resume:
+        return validate(raw), False
+    saved = Path(resume) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume={resume!r}: no config.yaml there; point resume at a run folder "
+                          "(results/<experiment>/<run>/)")
+    cfg = validate(OmegaConf.load(saved))
+    cfg.resume = str(resume)
+    return cfg, True
+
+
+def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
+    from cl_runner.tracking import new_run_folder
+
+    if resuming:
+        return Path(cfg.resume)
+    run_dir = new_run_folder(Path("results"), cfg.experiment_name, run_label(cfg), cfg.output_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def execute(raw: DictConfig) -> dict[str, Any]:
+    """One run from a composed config; returns its metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    cfg, resuming = load_config(raw)  # fails fast, before any model is built
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg))
+        return {}
+    from cl_runner.loop import ContinualLoop
+    from cl_runner.ops_setup import configure_ops
+    from cl_runner.outputs import finish_run
+    from cl_runner.tracking import make_tracker
+
+    configure_ops(cfg.ops)
+    accelerator = Accelerator(mixed_precision=cfg.trainer.precision)
+    # Rank 0 makes the one run folder; the other ranks learn its path from rank 0.
+    holder = [str(make_run_dir(cfg, resuming)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(holder)
+    run_dir = Path(holder[0])
+    if accelerator.is_main_process:
+        print(f"[cl-run] run folder: {run_dir}", flush=True)
+    tracker = make_tracker(cfg.logger, run_dir, run_dir.name, OmegaConf.to_container(cfg), accelerator.is_main_process)
+    started = time.perf_counter()
+    ok = False
+    try:
+        loop = ContinualLoop(cfg, run_dir, tracker, accelerator)
+        progress = loop.run(resume=resuming)
+        metrics = finish_run(loop, progress, time.perf_counter() - started, tracker)
+        ok = True
+        return metrics
+    finally:
+        tracker.finish(ok)  # a failed job in a sweep never leaves its tracker open
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    primary, extra = config_dirs(Path.cwd())
+    if extra is not None:
+        sys.argv.append(f"hydra.searchpath=[file://{extra}]")
+
+    @hydra.main(version_base=None, config_path=str(primary), config_name="config")
+    def _hydra_entry(raw: DictConfig) -> None:
+        try:
+            execute(raw)
+        except ConfigError as err:
+            print(f"cl-run: config error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

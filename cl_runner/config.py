@@ -1,0 +1,257 @@
+"""Typed schema for every config group, and validation with clear errors.
+
+Hydra composes YAML files; `validate` then merges each group into its dataclass here, so
+a misspelt key, a wrong type or an out-of-range value fails before any model is built,
+naming the key and a fix. Strategy schemas live with their strategies (registry).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from cl_runner.strategies import registry
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot use; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = "tiny_gpt2"
+    # causal (GPT-2/LLaMA/Qwen), seq2seq (T5), classifier (BERT-style encoder + head)
+    kind: str = "causal"
+    # Hub id, local folder, or pkg://<python package>/<subfolder>. None = random init.
+    path: Optional[str] = None
+    # Random init: HF model_type and its config kwargs (used when path is None).
+    architecture: Optional[str] = None
+    architecture_config: dict[str, Any] = field(default_factory=dict)
+    # "byte" = built-in byte-level tokenizer; None = the tokenizer that ships with `path`.
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    max_length: int = 512
+    # classifier only: one head class per distinct label string shared across tasks
+    # ("label_string"), or separate classes per task ("per_task").
+    head_sharing: str = "label_string"
+    trust_remote_code: bool = False
+    # Allow fetching from the hub at run time (off: missing models fail at once).
+    allow_download: bool = False
+
+
+# ---------------------------------------------------------------------- task streams
+@dataclass
+class TaskStreamConfig:
+    name: str = "synthetic"
+    # synthetic | trace | olora | custom
+    kind: str = "synthetic"
+    # trace/olora: the root folder on disk
+    data_dir: Optional[str] = None
+    # Task names in training order (trace/olora/synthetic); custom: taken from `tasks`.
+    order: list[str] = field(default_factory=list)
+    max_train_per_task: Optional[int] = None
+    max_test_per_task: Optional[int] = None
+    test_split: str = "test"
+    # synthetic options
+    num_digits: int = 5
+    train_size: int = 2000
+    test_size: int = 100
+    # custom: list of task entries (see README, "Custom streams")
+    tasks: list[Any] = field(default_factory=list)
+    # olora: wrap sentences in the instruction template (generative models);
+    # null = template for causal/seq2seq models, bare sentence for classifiers.
+    template: Optional[bool] = None
+
+
+# ---------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    # Per task: a number, or a list with one entry per task (TRACE presets).
+    epochs: Any = 1
+    # When set, a fixed number of optimizer steps per task replaces `epochs`.
+    steps_per_task: Optional[int] = None
+    batch_size: int = 16  # per device, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    # constant | linear | cosine (per task; the lr_schedule add-on can replace it)
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    # no | bf16 | fp16 (accelerate mixed precision)
+    precision: str = "no"
+    # Save a checkpoint every N optimizer steps (0 = only at task boundaries).
+    checkpoint_every_steps: int = 0
+    # Keep this many mid-task checkpoints (task-boundary ones replace each other too).
+    keep_checkpoints: int = 1
+    log_every_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class EvaluationConfig:
+    # greedy | sample (TRACE's original: sample at temperature 0.1)
+    decoding: str = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # None = the task's own budget (e.g. 50 for O-LoRA tasks)
+    max_new_tokens: Optional[int] = None
+    batch_size: int = 64
+    save_predictions: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | none
+    name: str = "wandb"
+    project: str = "cl-runner"
+    entity: Optional[str] = None
+    # offline (default: sync later with `wandb sync`) | online | disabled
+    mode: str = "offline"
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OpsConfig:
+    # None = fastest available; torch | cpp | cuda forces one
+    backend: Optional[str] = None
+
+
+@dataclass
+class RunSettings:
+    """Top-level keys that are not groups."""
+
+    experiment_name: str = "default"
+    seed: int = 0
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    # Print the resolved config and stop.
+    dry_run: bool = False
+
+
+SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "task_stream": TaskStreamConfig,
+    "trainer": TrainerConfig,
+    "evaluation": EvaluationConfig,
+    "logger": LoggerConfig,
+    "ops": OpsConfig,
+}
+ADDONS = ("lr_schedule", "replay", "lines")
+# Keys Hydra or the launcher group may leave at the top level.
+_IGNORED_TOP = {"hydra", "launcher", "experiment"}
+
+CHOICES = {
+    "model.kind": ("causal", "seq2seq", "classifier"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.head_sharing": ("label_string", "per_task"),
+    "task_stream.kind": ("synthetic", "trace", "olora", "custom"),
+    "trainer.schedule": ("constant", "linear", "cosine"),
+    "trainer.precision": ("no", "bf16", "fp16"),
+    "evaluation.decoding": ("greedy", "sample"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+
+def _merge(schema: type, node: Any, key: str) -> DictConfig:
+    """Merge a user node into its schema; turn OmegaConf errors into ConfigErrors."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, node if node is not None else {})
+    except ConfigKeyError as err:
+        bad = str(getattr(err, "key", "") or "")
+        known = [f for f in base.keys()]
+        close = difflib.get_close_matches(bad, known, n=1)
+        hint = f"did you mean '{key}.{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown config key '{key}.{bad}': {hint}known keys of '{key}': {', '.join(known)}") from None
+    except OmegaConfBaseException as err:
+        full = f"{key}.{err.key}" if getattr(err, "key", None) else key
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"bad value for '{full}': {msg}") from None
+    return merged
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for '{key}': {value!r}; {fix}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, dotted)
+        _check(value in allowed, dotted, value, f"choose one of: {', '.join(allowed)}")
+    tr = cfg.trainer
+    _check(tr.batch_size >= 1, "trainer.batch_size", tr.batch_size, "use a positive integer")
+    _check(tr.grad_accum >= 1, "trainer.grad_accum", tr.grad_accum, "use a positive integer")
+    _check(tr.lr > 0, "trainer.lr", tr.lr, "use a positive learning rate")
+    _check(tr.weight_decay >= 0, "trainer.weight_decay", tr.weight_decay, "use a value >= 0")
+    _check(0 <= tr.warmup_ratio < 1, "trainer.warmup_ratio", tr.warmup_ratio, "use a value in [0, 1)")
+    _check(tr.steps_per_task is None or tr.steps_per_task >= 1, "trainer.steps_per_task", tr.steps_per_task, "use a positive integer or null")
+    _check(tr.max_grad_norm is None or tr.max_grad_norm > 0, "trainer.max_grad_norm", tr.max_grad_norm, "use a positive number or null to disable clipping")
+    _check(tr.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps", tr.checkpoint_every_steps, "use 0 (task boundaries only) or a positive step count")
+    _check(tr.keep_checkpoints >= 1, "trainer.keep_checkpoints", tr.keep_checkpoints, "keep at least 1")
+    epochs = tr.epochs
+    if OmegaConf.is_list(epochs):
+        _check(all(float(e) > 0 for e in epochs), "trainer.epochs", list(epochs), "every entry must be > 0")
+    else:
+        _check(isinstance(epochs, (int, float)) and epochs > 0, "trainer.epochs", epochs, "use a number > 0 or a list with one number per task")
+    ts = cfg.task_stream
+    for k in ("max_train_per_task", "max_test_per_task"):
+        v = ts[k]
+        _check(v is None or v >= 1, f"task_stream.{k}", v, "use a positive integer or null for all")
+    if ts.kind in ("trace", "olora"):
+        _check(bool(ts.data_dir), "task_stream.data_dir", ts.data_dir,
+               f"set task_stream.data_dir=/path/to/{'TRACE root (one folder per task)' if ts.kind == 'trace' else 'CL_Benchmark root (<TaskType>/<Dataset>/...)'}")
+    if ts.kind == "custom":
+        _check(len(ts.tasks) > 0, "task_stream.tasks", list(ts.tasks), "list at least one task entry (see README, Custom streams)")
+    ev = cfg.evaluation
+    _check(ev.temperature > 0, "evaluation.temperature", ev.temperature, "use a positive temperature")
+    _check(0 < ev.top_p <= 1, "evaluation.top_p", ev.top_p, "use a value in (0, 1]")
+    _check(ev.batch_size >= 1, "evaluation.batch_size", ev.batch_size, "use a positive integer")
+    m = cfg.model
+    _check(m.path is not None or m.architecture is not None, "model.path", m.path,
+           "set model.path (hub id, folder, pkg://...) or model.architecture for a random init")
+    _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return a validated, fully typed copy of a composed run config."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    out: dict[str, Any] = {}
+    run_keys = set(RunSettings.__dataclass_fields__)
+    known_top = set(SCHEMAS) | set(ADDONS) | {"strategy"} | run_keys | _IGNORED_TOP
+    for key in raw:
+        if key not in known_top:
+            close = difflib.get_close_matches(key, sorted(known_top - _IGNORED_TOP), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown top-level config key '{key}': {hint}known: {', '.join(sorted(known_top - _IGNORED_TOP))}")
+    settings = _merge(RunSettings, {k: raw[k] for k in run_keys if k in raw}, "run")
+    for k in run_keys:
+        out[k] = settings[k]
+    for key, schema in SCHEMAS.items():
+        out[key] = _merge(schema, raw.get(key), key)
+
+    strategy_node = raw.get("strategy") or {}
+    name = strategy_node.get("name", "seq_ft")
+    try:
+        reg = registry.get(name, registry.BASE)
+    except KeyError as err:
+        raise ConfigError(f"bad value for 'strategy.name': {err.args[0]}; pick with strategy=<name>") from None
+    out["strategy"] = _merge(reg.config, strategy_node, "strategy")
+    addons = registry.registrations(registry.ADDON)
+    for addon in ADDONS:
+        if addon in addons:
+            out[addon] = _merge(addons[addon].config, raw.get(addon), addon)
+        elif (raw.get(addon) or {}).get("enabled"):
+            raise ConfigError(f"'{addon}.enabled' is true but the {addon} add-on is not installed")
+    cfg_out = OmegaConf.create(out)
+    _check_ranges(cfg_out)
+    return cfg_out

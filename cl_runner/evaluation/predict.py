@@ -1,0 +1,57 @@
+"""Model outputs for a task's test examples: generated text or the predicted label."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cl_runner.batching import Collator, masked_class_logits
+from cl_runner.streams.task import Example, Task
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, collator: Collator, task: Task, examples: list[Example],
+            decoding: Any, batch_size: int) -> list[str]:
+    """Predictions for `examples` in order. `decoding` is the evaluation config."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            if collator.kind == "classifier":
+                out.extend(_classify(model, collator, chunk))
+            else:
+                out.extend(_generate(model, collator, task, chunk, decoding))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _classify(model: torch.nn.Module, collator: Collator, chunk: list[Example]) -> list[str]:
+    batch = collator(chunk)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_mask")}
+    logits = masked_class_logits(model(**inputs).logits, batch["label_mask"])
+    return [collator.label_space.label_of(int(i)) for i in logits.argmax(-1)]
+
+
+def _generate(model: torch.nn.Module, collator: Collator, task: Task, chunk: list[Example], decoding: Any) -> list[str]:
+    tok = collator.tok
+    budget = decoding.max_new_tokens or task.max_new_tokens
+    inputs = collator.prompts(chunk, room=budget)
+    kwargs = dict(max_new_tokens=budget, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if decoding.decoding == "sample":
+        kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    generated = model.generate(**inputs, **kwargs)
+    if collator.kind == "causal":
+        generated = generated[:, inputs["input_ids"].shape[1]:]
+    texts = []
+    for row in generated.tolist():
+        if collator.kind == "seq2seq" and row and row[0] == model.config.decoder_start_token_id:
+            row = row[1:]
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row).strip())
+    return texts

@@ -1,0 +1,344 @@
+"""The continual-learning loop: train on each task in order, evaluate every task after
+each one, fill the accuracy matrix R.
+
+Reads top to bottom like a plain training script. Strategies plug in through the hooks
+of `strategies/base.py`; the loop never names one. Runs unchanged on a CPU, one GPU, or
+under `accelerate launch` (each process takes its slice of every global batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from cl_runner.batching import Collator, compute_loss
+from cl_runner.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from cl_runner.evaluation.predict import predict
+from cl_runner.label_space import LabelSpace
+from cl_runner.models import build_model
+from cl_runner.strategies import StrategyContext, build_strategy
+from cl_runner.streams.build import build_stream
+from cl_runner.streams.task import Example, Task, TaskStream
+from cl_runner.tracking import Tracker, write_predictions
+
+
+@dataclass
+class TaskPlan:
+    """How task t trains: its micro-batches (global, before sharding) and step count."""
+
+    batches: list[list[Example]]
+    steps: int
+
+
+def epochs_for(trainer: Any, t: int) -> float:
+    epochs = trainer.epochs
+    if isinstance(epochs, (int, float)):
+        return float(epochs)
+    epochs = list(epochs)
+    if t >= len(epochs):
+        raise ValueError(f"trainer.epochs lists {len(epochs)} entries but the stream has task {t + 1}; "
+                         "give one entry per task")
+    return float(epochs[t])
+
+
+def shuffled_stream(examples: list[Example], seed: int, t: int) -> Iterator[Example]:
+    """Endless epochs of `examples`, each reshuffled with a seed fixed by (seed, t, epoch)."""
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(f"{seed}:{t}:{epoch}").shuffle(order)
+        for i in order:
+            yield examples[i]
+        epoch += 1
+
+
+class ContinualLoop:
+    def __init__(self, cfg: Any, run_dir: Path, tracker: Tracker, accelerator: Optional[Accelerator] = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.tracker = tracker
+        self.trainer = cfg.trainer
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.trainer.precision)
+        set_seed(cfg.seed)
+        self.stream: TaskStream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
+        label_space = LabelSpace(self.stream, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
+        self.bundle = build_model(cfg.model, label_space)
+        self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,
+                                device=self.accelerator.device)
+        self.model = self.accelerator.prepare(self.bundle.model)
+        self.strategy = build_strategy(cfg)
+        self.strategy.setup(StrategyContext(
+            accelerator=self.accelerator, model=self.model, stream=self.stream,
+            model_kind=self.bundle.kind, model_family=self.bundle.family, seed=cfg.seed,
+            trainer=self.trainer, loss_fn=compute_loss, collate=self._collate_local,
+            log=lambda values: self.tracker.log_train(self.progress.global_step, values),
+            train_steps=self.train_steps))
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        T = len(self.stream)
+        self.progress = Progress(R=[[None] * T for _ in range(T + 1)])
+        self.row0_done = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def run(self, resume: bool = False) -> Progress:
+        """Train and evaluate the whole stream; returns the final progress (R inside)."""
+        restored = self._restore() if resume else None
+        if not self._row_filled(0):
+            self._evaluate_row(0)
+        start = self.progress.task + 1 if self.progress.task_done else self.progress.task
+        for t in range(start, len(self.stream)):
+            task = self.stream[t]
+            mid_task = restored is not None and t == restored.task and not restored.task_done and restored.step > 0
+            self._train_task(t, task, resume_payload=self._payload if mid_task else None)
+            self.strategy.after_task(t, task)
+            with self.strategy.evaluation_weights(t):
+                self._evaluate_row(t + 1)
+            self.progress.task, self.progress.step, self.progress.task_done = t, 0, True
+            self._checkpoint()
+        self._payload = None
+        return self.progress
+
+    # ------------------------------------------------------------------ training
+    def plan_task(self, t: int, task: Task) -> TaskPlan:
+        examples = self.strategy.train_examples(t, task, task.train)
+        world = self.accelerator.num_processes
+        global_batch = self.trainer.batch_size * world
+        accum = self.trainer.grad_accum
+        if not examples:
+            return TaskPlan([], 0)
+        if self.trainer.steps_per_task:
+            steps = int(self.trainer.steps_per_task)
+        else:
+            micro = math.ceil(epochs_for(self.trainer, t) * len(examples) / global_batch)
+            steps = math.ceil(micro / accum)
+        steps = self.strategy.num_train_steps(t, steps)
+        source = shuffled_stream(examples, self.cfg.seed, t)
+        raw = ([next(source) for _ in range(global_batch)] for _ in range(steps * accum))
+        batches = list(self.strategy.compose_batches(t, raw))
+        return TaskPlan(batches, steps)
+
+    def _build_optimizer(self) -> None:
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+        previous = self.optimizer if self.strategy.carry_optimizer else None
+        chosen = self.strategy.optimizer(named, previous)
+        if chosen is None:
+            if previous is not None:
+                return
+            tr = self.trainer
+            chosen = torch.optim.AdamW([p for _, p in named], lr=tr.lr, weight_decay=tr.weight_decay,
+                                       betas=tuple(tr.adam_betas), eps=tr.adam_eps)
+        self.optimizer = chosen
+
+    def _lr_lambda(self, t: int, steps: int) -> Callable[[int], float]:
+        custom = self.strategy.lr_lambda(t, steps)
+        if custom is not None:
+            return custom
+        tr = self.trainer
+        warmup = int(tr.warmup_ratio * steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if tr.schedule == "constant":
+                return 1.0
+            progress = (step - warmup) / max(1, steps - warmup)
+            if tr.schedule == "linear":
+                return max(0.0, 1.0 - progress)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        return factor
+
+    def _train_task(self, t: int, task: Task, resume_payload: Optional[dict] = None) -> None:
+        started = time.perf_counter()
+        if resume_payload is None:
+            self.strategy.before_task(t, task)
+        plan = self.plan_task(t, task)
+        self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(t, plan.steps))
+        first_step = 0
+        if resume_payload is not None:
+            if resume_payload["optimizer"] is not None:
+                self.optimizer.load_state_dict(resume_payload["optimizer"])
+            if resume_payload["scheduler"] is not None:
+                self.scheduler.load_state_dict(resume_payload["scheduler"])
+            set_rng_state(resume_payload["rng"])
+            first_step = self.progress.step
+        elif self._carried_optimizer_state is not None and self.optimizer is not None:
+            # Resumed at a task boundary with carry_optimizer: continue its moments.
+            self.optimizer.load_state_dict(self._carried_optimizer_state)
+            self._carried_optimizer_state = None
+        optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False)
+        self.model.train()
+        bar = tqdm(total=plan.steps, initial=first_step, desc=f"task {t + 1}/{len(self.stream)} {task.name}",
+                   disable=not (self.is_main and self.trainer.progress_bar), leave=False, dynamic_ncols=True)
+        accum = self.trainer.grad_accum
+        running = 0.0
+        for step in range(first_step, plan.steps):
+            micro = plan.batches[step * accum:(step + 1) * accum]
+            loss_value, tokens = self._optimizer_step(optimizer, micro)
+            self.progress.step = step + 1
+            self.progress.global_step += 1
+            self.progress.train_tokens += tokens
+            running = loss_value if step == first_step else 0.9 * running + 0.1 * loss_value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}")
+            if self.progress.global_step % self.trainer.log_every_steps == 0:
+                self.tracker.log_train(self.progress.global_step, {
+                    "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "task": t + 1})
+            every = self.trainer.checkpoint_every_steps
+            if every and self.progress.step % every == 0 and self.progress.step < plan.steps:
+                self.progress.task, self.progress.task_done = t, False
+                self._checkpoint()
+        bar.close()
+        elapsed = time.perf_counter() - started
+        self.progress.train_seconds += elapsed
+        self._task_seconds(t)["train"] = self._task_seconds(t).get("train", 0.0) + elapsed
+        if self.is_main and plan.steps:
+            print(f"[cl-run] task {t + 1}/{len(self.stream)} {task.name}: {plan.steps} steps in {elapsed:.1f}s, "
+                  f"final loss {running:.4f}", flush=True)
+
+    def _optimizer_step(self, optimizer: Any, micro: list[list[Example]]) -> tuple[float, int]:
+        """Forward/backward over the micro-batches, then one optimizer step."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        total_loss, tokens = 0.0, 0
+        for i, examples in enumerate(micro):
+            batch = self.collate(examples[rank::world])
+            sync = i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)):
+                with self.accelerator.autocast():
+                    loss = compute_loss(self.model, batch)
+                    penalty = self.strategy.penalty(self.model, batch)
+                    objective = loss if penalty is None else loss + penalty
+                self.accelerator.backward(objective / len(micro))
+            total_loss += loss.item() / len(micro)
+            tokens += int(batch["attention_mask"].sum())
+        self.strategy.after_backward()
+        if self.trainer.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
+        self.strategy.before_optimizer_step()
+        optimizer.step()
+        self.strategy.after_optimizer_step()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=False)
+        return total_loss, tokens
+
+    def train_steps(self, model: torch.nn.Module, batches: list[list[Example]], lr_at: Callable[[int], float]) -> None:
+        """Plain AdamW steps on `batches` (for strategies that train a side copy, e.g.
+        the annealing of the infinite schedule). `lr_at(step)` is the absolute lr."""
+        tr = self.trainer
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=tr.weight_decay, betas=tuple(tr.adam_betas), eps=tr.adam_eps)
+        model.train()
+        for step, examples in enumerate(batches):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            with self.accelerator.autocast():
+                loss = compute_loss(model, self._collate_local(examples))
+            loss.backward()
+            if tr.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def _collate_local(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return self.collate(examples)
+
+    # ------------------------------------------------------------------ evaluation
+    def _row_filled(self, i: int) -> bool:
+        return all(v is not None for v in self.progress.R[i])
+
+    def _evaluate_row(self, tasks_learned: int) -> None:
+        """Score every task; fills row `tasks_learned` of R."""
+        from cl_runner.evaluation.scorers import score
+
+        started = time.perf_counter()
+        ev = self.cfg.evaluation
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        model = self.accelerator.unwrap_model(self.model)
+        row: list[Optional[float]] = []
+        bar = tqdm(self.stream.tasks, desc=f"eval after {tasks_learned} task(s)", leave=False,
+                   disable=not (self.is_main and self.trainer.progress_bar))
+        for j, task in enumerate(bar):
+            shard = task.test[rank::world]
+            with self.accelerator.autocast():
+                local = predict(model, self.collate, task, shard, ev, ev.batch_size)
+            gathered = gather_object([(rank + world * i, p) for i, p in enumerate(local)]) if world > 1 else list(enumerate(local))
+            predictions = [p for _, p in sorted(gathered, key=lambda x: x[0])]
+            value, per_item = score(task.scorer, predictions, [e.answer for e in task.test], [e.prompt for e in task.test])
+            row.append(float(value))
+            if self.is_main and ev.save_predictions:
+                write_predictions(self.run_dir / "predictions" / f"task_{j + 1}_after_{tasks_learned}.jsonl", [
+                    {"task": task.name, "prompt": e.prompt, "answer": e.answer, "prediction": p, "score": s}
+                    for e, p, s in zip(task.test, predictions, per_item)])
+        self.progress.R[tasks_learned] = row
+        elapsed = time.perf_counter() - started
+        if tasks_learned > 0:
+            self._task_seconds(tasks_learned - 1)["eval"] = elapsed
+        self._log_row(tasks_learned)
+
+    def _task_seconds(self, t: int) -> dict[str, float]:
+        while len(self.progress.task_seconds) <= t:
+            self.progress.task_seconds.append({})
+        return self.progress.task_seconds[t]
+
+    def _log_row(self, tasks_learned: int) -> None:
+        from cl_runner.evaluation.metrics import average_accuracy, backward_transfer
+
+        row = self.progress.R[tasks_learned]
+        values: dict[str, Any] = {f"{task.name}/score": s for task, s in zip(self.stream, row)}
+        if tasks_learned > 0:
+            # The metrics of the stream so far: R restricted to the tasks learned.
+            seen = [r[:tasks_learned] for r in self.progress.R[: tasks_learned + 1]]
+            values["ACC"] = average_accuracy(seen)
+            values["BWT"] = backward_transfer(seen)
+        self.tracker.log_eval(tasks_learned, values)
+        if self.is_main:
+            scores = "  ".join(f"{task.name}={s:.3f}" for task, s in zip(self.stream, row))
+            head = "before training" if tasks_learned == 0 else f"after {self.stream[tasks_learned - 1].name}"
+            print(f"[cl-run] eval {head}: {scores}", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return
+        model_state = self.accelerator.get_state_dict(self.model)
+        save_checkpoint(
+            self.run_dir / "checkpoints", self.progress, model_state,
+            self.optimizer.state_dict() if self.optimizer is not None else None,
+            self.scheduler.state_dict() if self.scheduler is not None else None,
+            self.strategy.state_dict(), keep=self.trainer.keep_checkpoints)
+
+    _payload: Optional[dict] = None
+    _carried_optimizer_state: Optional[dict] = None
+
+    def _restore(self) -> Optional[Progress]:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return None
+        payload = load_checkpoint(path)
+        self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
+        self.strategy.load_state_dict(payload["strategy"])
+        self.progress = payload["progress"]
+        if self.progress.task_done:
+            set_rng_state(payload["rng"])
+            if self.strategy.carry_optimizer:
+                self._carried_optimizer_state = payload["optimizer"]
+        self._payload = payload
+        if self.is_main:
+            where = "end of" if self.progress.task_done else f"step {self.progress.step} of"
+            print(f"[cl-run] resuming from {path.name}: {where} task {self.progress.task + 1}", flush=True)
+        return self.progress

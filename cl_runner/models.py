@@ -1,0 +1,108 @@
+"""Build model + tokenizer from a model config: causal LM, seq2seq LM or encoder classifier.
+
+Offline-safe: nothing is fetched from the hub unless `model.allow_download=true`, so a
+missing model is an immediate, clear error instead of a hang on a closed network.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from cl_runner.label_space import LabelSpace
+from cl_runner.tokenizers import ByteTokenizer, HFTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: Any  # ByteTokenizer | HFTokenizer
+    kind: str  # causal | seq2seq | classifier
+    family: str  # HF model_type, lower case
+    label_space: Optional[LabelSpace] = None
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_model_path(path: str) -> str:
+    """`pkg://package/sub/folder` -> the folder inside an installed Python package."""
+    if not path.startswith("pkg://"):
+        return os.path.expanduser(path)
+    package, _, sub = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model.path={path!r}: Python package '{package}' is not installed; "
+            f"install it (e.g. pip install {package.replace('_', '-')}) or point model.path at a folder")
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
+def _auto_class(kind: str):
+    import transformers as tf
+
+    return {"causal": tf.AutoModelForCausalLM, "seq2seq": tf.AutoModelForSeq2SeqLM,
+            "classifier": tf.AutoModelForSequenceClassification}[kind]
+
+
+def _random_init(cfg: Any, tokenizer: Any, num_labels: Optional[int]) -> nn.Module:
+    from transformers import AutoConfig
+
+    kwargs = dict(cfg.architecture_config)
+    kwargs.setdefault("vocab_size", tokenizer.vocab_size)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        kwargs.setdefault(key, getattr(tokenizer, key))
+    if cfg.kind == "seq2seq":
+        kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    config = AutoConfig.for_model(cfg.architecture, **kwargs)
+    return _auto_class(cfg.kind).from_config(config)
+
+
+def _pretrained(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.path)
+    local = os.path.isdir(path)
+    offline = not cfg.allow_download
+    common = dict(local_files_only=offline, trust_remote_code=cfg.trust_remote_code)
+    extra = {"num_labels": num_labels} if num_labels is not None else {}
+    try:
+        tok_path = resolve_model_path(cfg.tokenizer) if cfg.tokenizer else path
+        tok = AutoTokenizer.from_pretrained(tok_path, **common)
+        model = _auto_class(cfg.kind).from_pretrained(path, dtype=DTYPES[cfg.dtype], **common, **extra)
+    except OSError as err:
+        where = "local folder" if local else "hub id (looked only in the local HF cache)"
+        raise ModelLoadError(
+            f"model.path={cfg.path!r} ({where}) could not be loaded: {str(err).splitlines()[0]}. "
+            "Download it first (huggingface-cli download <id>) and/or point model.path at the folder; "
+            "model.allow_download=true lets the run fetch it.") from None
+    return model, HFTokenizer(tok)
+
+
+def build_model(cfg: Any, label_space: Optional[LabelSpace] = None) -> ModelBundle:
+    if cfg.kind == "classifier" and label_space is None:
+        raise ModelLoadError("model.kind=classifier needs the stream's label space")
+    num_labels = len(label_space) if label_space is not None else None
+    if cfg.path is None:
+        if cfg.tokenizer not in (None, "byte"):
+            tokenizer = HFTokenizer(__import__("transformers").AutoTokenizer.from_pretrained(
+                resolve_model_path(cfg.tokenizer), local_files_only=True))
+        else:
+            tokenizer = ByteTokenizer()
+        model = _random_init(cfg, tokenizer, num_labels).to(DTYPES[cfg.dtype])
+    else:
+        model, tokenizer = _pretrained(cfg, num_labels)
+    family = str(getattr(model.config, "model_type", type(model).__name__)).lower()
+    if cfg.kind == "causal" and getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return ModelBundle(model=model, tokenizer=tokenizer, kind=cfg.kind, family=family, label_space=label_space)

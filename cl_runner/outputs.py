@@ -1,0 +1,86 @@
+"""End of a run: metrics from R, metrics.json, R.csv, plots, and the printed summary."""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_runner.checkpoint import Progress
+from cl_runner.tracking import Tracker, write_accuracy_csv, write_json
+
+
+def peak_memory_bytes() -> dict[str, Any]:
+    """GPU peak allocation when on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda_allocated"}
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return {"peak_memory_bytes": rss_kb * scale, "peak_memory_kind": "cpu_max_rss"}
+
+
+def format_summary(R: list[list[Any]], task_names: list[str], metrics: dict[str, Any]) -> str:
+    """The R matrix and the headline metrics as an aligned text table."""
+    width = max(8, *(len(n) for n in task_names))
+    head = "after \\ task".ljust(18) + "".join(n[:width].rjust(width + 2) for n in task_names)
+    lines = [head, "-" * len(head)]
+    for i, row in enumerate(R):
+        label = "before training" if i == 0 else f"{i}. {task_names[i - 1]}"
+        cells = "".join(("-" if v is None else f"{v:.3f}").rjust(width + 2) for v in row)
+        lines.append(label[:18].ljust(18) + cells)
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:+.4f}" if isinstance(v, float) else str(v)
+
+    lines.append("")
+    lines.append("  ".join(f"{k} {fmt(metrics.get(k))}" for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "AIA")))
+    return "\n".join(lines)
+
+
+def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Tracker) -> dict[str, Any]:
+    from cl_runner.evaluation.metrics import summarize
+
+    names = loop.stream.names
+    metrics: dict[str, Any] = {
+        "run_id": loop.run_dir.name,
+        "experiment": loop.cfg.experiment_name,
+        "model": loop.cfg.model.name,
+        "task_stream": loop.cfg.task_stream.name,
+        "strategy": loop.strategy.name,
+        "seed": loop.cfg.seed,
+        "tasks": names,
+        "R": progress.R,
+    }
+    metrics.update(summarize(progress.R, names))
+    tokens_per_s = progress.train_tokens / progress.train_seconds if progress.train_seconds else None
+    metrics.update({
+        "wall_time_s": wall_time_s,
+        "train_time_s": progress.train_seconds,
+        "task_time_s": progress.task_seconds,
+        "train_tokens": progress.train_tokens,
+        "train_tokens_per_s": tokens_per_s,
+        "optimizer_steps": progress.global_step,
+        "strategy_extra_bytes": loop.strategy.extra_state_bytes(),
+        "strategy_report": loop.strategy.report(),
+        "decoding": dict(loop.cfg.evaluation),
+        **peak_memory_bytes(),
+    })
+    if not loop.is_main:
+        return metrics
+    run_dir: Path = loop.run_dir
+    write_json(run_dir / "metrics.json", metrics)
+    write_accuracy_csv(run_dir / "R.csv", progress.R, names)
+    try:
+        from cl_runner.plots import plot_accuracy_matrix, plot_forgetting_curves
+
+        (run_dir / "plots").mkdir(exist_ok=True)
+        plot_accuracy_matrix(progress.R, names, run_dir / "plots" / "accuracy_matrix.png", title=metrics["strategy"])
+        plot_forgetting_curves(progress.R, names, run_dir / "plots" / "forgetting_curves.png")
+    except Exception as err:  # plots are a convenience; never lose the numbers for them
+        print(f"[cl-run] warning: plots not written ({err})", file=sys.stderr)
+    tracker.summary({k: metrics.get(k) for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "wall_time_s")})
+    print("\n" + format_summary(progress.R, names, metrics))
+    print(f"\n[cl-run] results: {run_dir}/metrics.json  R.csv  plots/  predictions/", flush=True)
+    return metrics

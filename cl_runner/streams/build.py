@@ -1,0 +1,42 @@
+"""Config -> TaskStream: picks the loader for the stream's on-disk format."""
+from __future__ import annotations
+
+from typing import Any
+
+from cl_runner.streams.task import TaskStream
+
+
+def build_stream(cfg: Any, model_kind: str, seed: int) -> TaskStream:
+    caps = dict(max_train=cfg.max_train_per_task, max_test=cfg.max_test_per_task, seed=seed)
+    order = list(cfg.order)
+    if cfg.kind == "synthetic":
+        from cl_runner.streams.synthetic import load_synthetic
+
+        tasks = load_synthetic(order, cfg.num_digits, cfg.train_size, cfg.test_size, seed)
+        if cfg.max_train_per_task or cfg.max_test_per_task:
+            for task in tasks:
+                task.train = task.train[: cfg.max_train_per_task or None]
+                task.test = task.test[: cfg.max_test_per_task or None]
+    elif cfg.kind == "trace":
+        from cl_runner.streams.trace import TRACE_ORDERS, load_trace
+
+        tasks = load_trace(cfg.data_dir, order or TRACE_ORDERS["default"], test_split=cfg.test_split, **caps)
+    elif cfg.kind == "olora":
+        from cl_runner.streams.olora import OLORA_ORDERS, load_olora
+
+        if not order:
+            order = OLORA_ORDERS[cfg.name]
+        template = cfg.template if cfg.template is not None else model_kind != "classifier"
+        tasks = load_olora(cfg.data_dir, order, template=template, **caps)
+    elif cfg.kind == "custom":
+        from cl_runner.streams.custom import load_custom
+
+        tasks = load_custom(list(cfg.tasks), **caps)
+    else:
+        raise ValueError(f"task_stream.kind: unknown kind {cfg.kind!r}")
+    if not tasks:
+        raise ValueError("task_stream: the stream has no tasks; set task_stream.order")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task_stream.order: task names repeat ({names}); each task may appear once")
+    return TaskStream(name=cfg.name, tasks=tasks)

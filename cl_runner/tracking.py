@@ -1,0 +1,131 @@
+"""Where results go: the run folder on disk and, optionally, Weights & Biases.
+
+Only the main process writes. The run folder is never shared: a new run gets a fresh
+folder, and pointing `output_dir` at a folder that already holds a run is an error.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+RESULT_MARKERS = ("metrics.json", "checkpoints")
+
+
+class RunFolderError(FileExistsError):
+    pass
+
+
+def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional[str]) -> Path:
+    """Create the run's own folder; never reuse one that holds another run."""
+    if output_dir:
+        folder = Path(output_dir)
+        if folder.exists() and any((folder / m).exists() for m in RESULT_MARKERS + ("config.yaml",)):
+            raise RunFolderError(
+                f"output_dir={output_dir!r} already holds a run; continue it with resume={output_dir} "
+                "or choose a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = root / experiment / f"{stamp}_{label}"
+    folder, n = base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=False)  # atomic: two runs never share
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}_{n}")
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2))
+    os.replace(tmp, path)
+
+
+def write_accuracy_csv(path: Path, R: list[list[Optional[float]]], task_names: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["tasks_learned", "after"] + task_names)
+        for i, row in enumerate(R):
+            after = "before training" if i == 0 else task_names[i - 1]
+            writer.writerow([i, after] + ["" if v is None else f"{v:.6f}" for v in row])
+
+
+def write_predictions(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+class Tracker:
+    """No-op tracker (logger=none, and every non-main process)."""
+
+    def log_train(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def log_eval(self, tasks_learned: int, values: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, ok: bool = True) -> None:
+        pass
+
+
+class WandbTracker(Tracker):
+    """W&B run with a `tasks_learned` axis for every `eval/*` series, so the runs of a
+    sweep overlay as forgetting curves. Offline by default: `wandb sync` uploads later."""
+
+    def __init__(self, cfg: Any, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=cfg.group, tags=list(cfg.tags),
+            name=run_name, dir=str(run_dir), config=config, reinit="finish_previous")
+        self.run.define_metric("tasks_learned")
+        self.run.define_metric("eval/*", step_metric="tasks_learned")
+        self.run.define_metric("train/step")
+        self.run.define_metric("train/*", step_metric="train/step")
+
+    def log_train(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({"train/step": step, **{f"train/{k}": v for k, v in values.items()}})
+
+    def log_eval(self, tasks_learned: int, values: dict[str, Any]) -> None:
+        clean = {f"eval/{k}": v for k, v in values.items() if v is not None}
+        self.run.log({"tasks_learned": tasks_learned, **clean})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and v is not None:
+                self.run.summary[k] = v
+
+    def finish(self, ok: bool = True) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+def make_tracker(cfg: Any, run_dir: Path, run_name: str, config: dict[str, Any], is_main: bool) -> Tracker:
+    if not is_main or cfg.name == "none" or cfg.mode == "disabled":
+        return Tracker()
+    return WandbTracker(cfg, run_dir, run_name, config)
