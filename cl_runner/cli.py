@@ -20,14 +20,6 @@ from cl_runner.config import ConfigError, validate
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def config_dirs(cwd: Path) -> tuple[Path, Optional[Path]]:
-    """(primary, extra): the working directory's configs/ first when it has one."""
-    local = cwd / "configs"
-    if local.is_dir() and local.resolve() != PACKAGE_CONFIGS.resolve():
-        return local.resolve(), PACKAGE_CONFIGS
-    return PACKAGE_CONFIGS, None
-
-
 def run_label(cfg: DictConfig) -> str:
     base = cfg.strategy.name
     addons = [k for k in ("replay", "lr_schedule", "lines") if cfg.get(k) is not None and cfg[k].get("enabled")]
@@ -101,11 +93,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    primary, extra = config_dirs(Path.cwd())
-    if extra is not None:
-        sys.argv.append(f"hydra.searchpath=[file://{extra}]")
-
-    @hydra.main(version_base=None, config_path=str(primary), config_name="config")
+    # A working-directory configs/ shadows these through the search-path plugin in
+    # hydra_plugins/cl_runner_searchpath.
+    @hydra.main(version_base=None, config_path=str(PACKAGE_CONFIGS), config_name="config")
     def _hydra_entry(raw: DictConfig) -> None:
         try:
             execute(raw)
