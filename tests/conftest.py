@@ -1,0 +1,55 @@
+"""Shared test helpers: compose a config the way `cl-run` does and run it in-process."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CL_BENCHMARK = SHARED_DATA / "cl_benchmark"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_cl(overrides: list[str], workdir: Path) -> tuple[dict, Path]:
+    """Run `cl-run <overrides>` in-process inside `workdir`; returns (metrics, run folder)."""
+    import json
+
+    from cl_runner.cli import execute
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        cfg = compose(["logger=none", "trainer.progress_bar=false", *overrides])
+        execute(cfg)
+    finally:
+        os.chdir(cwd)
+    runs = sorted(workdir.glob("results/*/*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
+    path = Path(explicit[0]) / "metrics.json" if explicit else runs[-1]
+    if not path.is_absolute():
+        path = workdir / path
+    return json.loads(path.read_text()), path.parent
+
+
+@pytest.fixture
+def cl_benchmark_dir() -> Path:
+    if not CL_BENCHMARK.is_dir():
+        pytest.skip(f"real benchmark data not present at {CL_BENCHMARK}")
+    return CL_BENCHMARK

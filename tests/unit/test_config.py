@@ -1,0 +1,103 @@
+"""Every config composes and validates; bad input fails early, naming key and fix."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from cl_runner.config import ConfigError, validate
+from tests.conftest import REPO, compose
+
+GROUPS = ["model", "task_stream", "strategy", "trainer", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_validates(group):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if group == "task_stream" and option not in ("synthetic", "custom"):
+            overrides.append("task_stream.data_dir=/data")
+        if group == "task_stream" and option == "custom":
+            overrides.append("task_stream.tasks=[{name: a, path: /data/a}]")
+        cfg = validate(compose(overrides))
+        assert cfg[group if group != "strategy" else "strategy"] is not None
+
+
+def test_experiment_presets_validate():
+    for option in options("experiment"):
+        cfg = validate(compose([f"experiment={option}", "task_stream.data_dir=/data"]))
+        assert cfg.trainer.lr > 0
+
+
+def test_default_is_tiny_gpt2_on_synthetic_with_seq_ft():
+    cfg = validate(compose([]))
+    assert (cfg.model.name, cfg.task_stream.name, cfg.strategy.name) == ("tiny_gpt2", "synthetic", "seq_ft")
+
+
+def test_unknown_key_names_key_and_suggests():
+    cfg = compose(["+trainer.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"trainer\.lrr.*did you mean 'trainer\.lr'"):
+        validate(cfg)
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match="unknown top-level config key 'sed'.*seed"):
+        validate(compose(["+sed=3"]))
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size"):
+        validate(compose(["trainer.batch_size=abc"]))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.lr=-1", "trainer.lr"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.schedule=step", "trainer.schedule"),
+    ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
+    ("model.kind=decoder", "model.kind"),
+    ("evaluation.decoding=beam", "evaluation.decoding"),
+    ("task_stream.max_train_per_task=0", "task_stream.max_train_per_task"),
+])
+def test_out_of_range_values(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose([override]))
+
+
+def test_trace_without_data_dir_says_how_to_fix(monkeypatch):
+    monkeypatch.delenv("TRACE_DATA_DIR", raising=False)
+    with pytest.raises(ConfigError, match=r"task_stream\.data_dir.*set task_stream\.data_dir="):
+        validate(compose(["task_stream=trace"]))
+
+
+def test_unknown_strategy_name_lists_known():
+    cfg = compose([])
+    cfg = OmegaConf.to_container(cfg)
+    cfg["strategy"] = {"name": "sgd_magic"}
+    with pytest.raises(ConfigError, match="unknown strategy 'sgd_magic'.*seq_ft"):
+        validate(OmegaConf.create(cfg))
+
+
+def test_unknown_strategy_option_is_a_hydra_error():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="strategy"):
+        compose(["strategy=sgd_magic"])
+
+
+def test_local_configs_folder_shadows_package(tmp_path, monkeypatch):
+    """A configs/ in the working directory wins over the package's, file by file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "configs" / "model").mkdir(parents=True)
+    src = (REPO / "configs" / "model" / "tiny_gpt2.yaml").read_text()
+    (tmp_path / "configs" / "model" / "my_model.yaml").write_text(src.replace("name: tiny_gpt2", "name: my_model"))
+    out = subprocess.run([sys.executable, "-m", "cl_runner.cli", "model=my_model", "dry_run=true", "logger=none"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert "name: my_model" in out.stdout
