@@ -1,4 +1,77 @@
-"""Placeholder: the extension build is added by the csrc/ work."""
+"""Builds the optional compiled ops of cl_runner (metadata lives in pyproject.toml).
+
+`pip install --no-build-isolation -e .` (the Makefile) compiles, ahead of time,
+`cl_runner.ops._C`:
+
+- a CppExtension (csrc/projection.cpp: the `cpp` backend on CPU and CUDA tensors) when
+  torch and a C++ compiler are present;
+- a CUDAExtension (adds csrc/projection_cuda.cpp + csrc/projection_kernels.cu: the `cuda`
+  backend) when torch was built with CUDA and CUDA_HOME (nvcc) is found.
+
+Nothing is built when torch is missing, when CL_RUNNER_NO_EXT=1, or when the build fails:
+the package then installs as plain Python and `cl_runner.ops` warns once and uses its
+pure-PyTorch backend.
+"""
+import os
+import sys
+
 from setuptools import setup
 
-setup()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _note(message: str) -> None:
+    print(f"cl_runner setup: {message}", file=sys.stderr)
+
+
+def _extension_setup() -> dict:
+    if os.environ.get("CL_RUNNER_NO_EXT") == "1":
+        _note("CL_RUNNER_NO_EXT=1: skipping the compiled extension")
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _note("torch is not installed: skipping the compiled extension (install torch "
+              "first and use `pip install --no-build-isolation -e .` to build it)")
+        return {}
+
+    csrc = os.path.join("csrc")
+    sources = [os.path.join(csrc, "projection.cpp")]
+    cxx_flags = ["-O2", "-std=c++17"]
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources += [os.path.join(csrc, "projection_cuda.cpp"),
+                    os.path.join(csrc, "projection_kernels.cu")]
+        extension = cpp_extension.CUDAExtension(
+            "cl_runner.ops._C", sources,
+            define_macros=[("CL_RUNNER_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]})
+    else:
+        extension = cpp_extension.CppExtension(
+            "cl_runner.ops._C", sources, extra_compile_args={"cxx": cxx_flags})
+    _note(f"building cl_runner.ops._C ({'C++ + CUDA' if with_cuda else 'C++, CPU'})")
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """Builds the extension; on failure, warns and installs without it."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # compiler missing, header mismatch, ...
+                _note(f"building the extension failed ({type(error).__name__}: {error}); "
+                      "installing without it: cl_runner.ops will use the pure-PyTorch "
+                      "backend")
+                self.extensions = []
+
+        def get_outputs(self):
+            return super().get_outputs() if self.extensions else []
+
+        def get_output_mapping(self):
+            return super().get_output_mapping() if self.extensions else {}
+
+    return {"ext_modules": [extension],
+            "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
+
+
+setup(**_extension_setup())
