@@ -45,6 +45,10 @@ ALLOWED_KEYS = (
     "task_type",
     "unknown_labels",
 )
+_STRING_KEYS = (
+    "path", "train", "test", "hf_dataset", "config", "train_split", "test_split",
+    "prompt_field", "answer_field", "scorer", "task_type",
+)
 DEFAULT_SCORER = "exact_match"
 TRACE_FIELDS = ("prompt", "answer")
 OLORA_FIELDS = ("sentence", "label")
@@ -82,7 +86,8 @@ def load_custom(
 def _check_entry(raw: Any, index: int) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ValueError(f"custom stream: entry {index} must be a mapping with a 'name' and a source, got {type(raw).__name__}")
-    entry = dict(raw)
+    # A null value means "not given" (typed configs carry every optional key as None).
+    entry = {key: value for key, value in raw.items() if value is not None}
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"custom stream: entry {index} needs a non-empty string 'name', got {name!r}")
@@ -92,7 +97,8 @@ def _check_entry(raw: Any, index: int) -> dict[str, Any]:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(ALLOWED_KEYS)}")
 
     has_pair = "train" in entry or "test" in entry
-    sources = [key for key, present in (("path", "path" in entry), ("train/test", has_pair), ("hf_dataset", "hf_dataset" in entry)) if present]
+    given = {"path": "path" in entry, "train/test": has_pair, "hf_dataset": "hf_dataset" in entry}
+    sources = [source for source, present in given.items() if present]
     if len(sources) != 1:
         raise ValueError(
             f"{where}: give exactly one source: 'path' (a folder), 'train' and 'test' (two files), "
@@ -105,12 +111,13 @@ def _check_entry(raw: Any, index: int) -> dict[str, Any]:
     if has_pair and ("train_split" in entry or "test_split" in entry):
         raise ValueError(f"{where}: 'train_split'/'test_split' apply to 'path' and 'hf_dataset', not to a train/test file pair")
 
-    for key in ("path", "train", "test", "hf_dataset", "config", "train_split", "test_split", "prompt_field", "answer_field", "scorer", "task_type"):
+    for key in _STRING_KEYS:
         if key in entry and (not isinstance(entry[key], (str, Path)) or not str(entry[key]).strip()):
             raise ValueError(f"{where}: '{key}' must be a non-empty string, got {entry[key]!r}")
     if "labels" in entry:
         labels = entry["labels"]
-        if isinstance(labels, str) or not isinstance(labels, Sequence) or not labels or not all(isinstance(x, str) and x for x in labels):
+        is_list = isinstance(labels, Sequence) and not isinstance(labels, str)
+        if not is_list or not labels or not all(isinstance(x, str) and x for x in labels):
             raise ValueError(f"{where}: 'labels' must be a non-empty list of strings, got {labels!r}")
         entry["labels"] = list(labels)
     if "max_new_tokens" in entry:
@@ -144,7 +151,8 @@ def _load_entry(entry: dict[str, Any], max_train: int | None, max_test: int | No
 
     def examples(split: str, cap: int | None) -> list[Example]:
         records, origin, indices = source.records(split, cap, seed)
-        require_nonempty(records, origin)
+        if indices is None:  # a whole file; a hub split is checked for rows as it loads
+            require_nonempty(records, origin)
         require_fields(records, (prompt_field, answer_field), origin, indices=indices)
         if labels is not None:
             records = check_labels(records, labels, origin, answer_field, entry.get("unknown_labels", "error"), indices)
@@ -297,6 +305,8 @@ class _HFSource:
         import datasets
 
         ds = self.data[split]
+        origin = f"{self._describe()} split '{self.splits[split]}'"
+        require_nonempty(ds, origin)
         chosen = subsample(range(len(ds)), cap, seed)
         # ClassLabel columns hold integers; the tasks are scored on label strings.
         class_names = {
@@ -309,7 +319,7 @@ class _HFSource:
                 if isinstance(row.get(column), int) and 0 <= row[column] < len(names):
                     row[column] = names[row[column]]
             records.append(row)
-        return records, f"{self._describe()} split '{self.splits[split]}'", chosen
+        return records, origin, chosen
 
     def class_names(self, answer_field: str) -> list[str] | None:
         """The label names of a ClassLabel answer column, used as the task's labels."""

@@ -96,6 +96,7 @@ def load_trace_replay_source(data_dir: str | Path | None, max_examples: int | No
         )
     path = _split_file(folder, REPLAY_FOLDER, "train")
     records = read_records(path)
+    require_nonempty(records, path)
     require_fields(records, _FIELDS, path, allow_empty=("answer",))
     return [Example(prompt=r["prompt"], answer=r["answer"], task=REPLAY_FOLDER) for r in subsample(records, max_examples, seed)]
 

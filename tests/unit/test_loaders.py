@@ -438,6 +438,20 @@ def test_custom_file_pairs_fields_scorer_and_caps():
     assert (swapped.train[0].prompt, swapped.train[0].answer) == ("negative", "The soup was cold and bland.")
 
 
+def test_custom_entries_from_a_hydra_config():
+    omegaconf = pytest.importorskip("omegaconf")
+    entries = omegaconf.OmegaConf.create(
+        [{"name": "r", "train": str(CUSTOM / "reviews_train.jsonl"), "test": str(CUSTOM / "reviews_test.jsonl"),
+          "labels": ["negative", "positive"], "max_new_tokens": 4},
+         {"name": "nli", "path": str(OLORA_MINI / "NLI" / "MNLI"), "task_type": "NLI"}]
+    )
+    reviews, nli = load_custom(entries)
+    assert reviews.labels == ["negative", "positive"] and type(reviews.labels) is list
+    assert reviews.max_new_tokens == 4 and nli.train[0].prompt.startswith("Task:NLI\nDataset:nli\n")
+    assert load_olora(OLORA_MINI, omegaconf.OmegaConf.create(["mnli"]))[0].name == "mnli"
+    assert load_trace(TRACE_MINI, omegaconf.OmegaConf.create(["FOMC"]))[0].name == "FOMC"
+
+
 def test_custom_labels_are_checked():
     entry = {"name": "r", "train": str(CUSTOM / "reviews_train.jsonl"), "test": str(CUSTOM / "reviews_test.jsonl"),
              "labels": ["positive", "neutral"]}
@@ -456,6 +470,9 @@ def test_custom_entry_errors():
         load_custom([{"name": "a", "path": str(TRACE_MINI / "FOMC"), **pair}])
     with pytest.raises(ValueError, match="exactly one source.*got none"):
         load_custom([{"name": "a"}])
+    # null values count as absent (a typed config carries every optional key).
+    (task,) = load_custom([{"name": "a", **pair, "path": None, "hf_dataset": None, "labels": None}])
+    assert len(task.test) == 3
     with pytest.raises(ValueError, match="give both"):
         load_custom([{"name": "a", "train": pair["train"]}])
     with pytest.raises(ValueError, match="'name'"):
@@ -498,6 +515,8 @@ def test_custom_hf_dataset_local_folder(tmp_path, monkeypatch):
     assert len(task.train) == 3 and len(task.test) == 3
     assert task.test[0].prompt == "What is the opposite of hot?" and task.test[0].answer == "cold"
     assert load_custom([entry], max_train=3) == [task]
+    with pytest.raises(ValueError, match="test split is empty"):
+        load_custom([entry], max_test=0)
     with pytest.raises(RecordError, match=r"field 'prompt' is missing"):
         load_custom([{"name": "qa", "hf_dataset": str(CUSTOM / "hf_local")}])
     with pytest.raises(ValueError, match="split 'validation'"):
