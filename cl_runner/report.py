@@ -1,0 +1,357 @@
+"""`cl-report`: compare finished runs side by side.
+
+    cl-report PATH [PATH ...] [--out DIR] [--sort ACC] [--format table|csv|markdown]
+
+Every `metrics.json` under the given paths (a run folder holds `config.yaml` and
+`metrics.json`) becomes one row: run, model, stream, strategy, ACC, gap, BWT, FWT, F,
+LA, time, memory. Rows are grouped by task stream. In each stream the multitask run
+(strategy name starting with "multitask") of the same model is the upper-bound
+reference: its gap column reads "ref" and every other run's gap is its ACC minus the
+reference's. `comparison.csv` (raw numbers) and `comparison.png` (ACC curves and final
+metrics) are written to --out, by default the first PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+METRICS_FILE = "metrics.json"
+# Without these a row means nothing; a file that lacks one is reported and skipped.
+REQUIRED_KEYS = ("strategy", "task_stream", "model", "ACC")
+
+
+@dataclass
+class RunResult:
+    """One run's metrics.json, reduced to what the comparison shows."""
+
+    path: Path
+    run_id: str
+    model: str
+    stream: str
+    strategy: str
+    ACC: Optional[float]
+    BWT: Optional[float] = None
+    FWT: Optional[float] = None
+    forgetting: Optional[float] = None
+    LA: Optional[float] = None
+    ACC_per_step: list = field(default_factory=list)
+    num_tasks: Optional[int] = None
+    wall_time_s: Optional[float] = None
+    peak_memory_bytes: Optional[float] = None
+    strategy_extra_bytes: Optional[float] = None
+    reference: Optional["RunResult"] = None  # the multitask run of its stream and model
+
+    @property
+    def is_multitask(self) -> bool:
+        return self.strategy.lower().startswith("multitask")
+
+    @property
+    def is_reference(self) -> bool:
+        return self.reference is self
+
+    @property
+    def gap(self) -> Optional[float]:
+        """ACC minus the multitask reference's ACC (negative: below the upper bound)."""
+        if self.reference is None or self.ACC is None or self.reference.ACC is None:
+            return None
+        return self.ACC - self.reference.ACC
+
+    @property
+    def label(self) -> str:
+        return f"{self.run_id} ({self.strategy})"
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def find_metrics_files(paths: Sequence[Path]) -> list[Path]:
+    """Every metrics.json at or under the given paths, each once, in path order."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        if path.is_file():
+            candidates = [path]
+        else:
+            candidates = sorted(path.rglob(METRICS_FILE))
+        for candidate in candidates:
+            found.setdefault(candidate.resolve(), None)
+    return list(found)
+
+
+def _number(value, key: str, path: Path):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: {key} = {value!r} is not a number or null")
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value  # ints stay ints (bytes), so the CSV shows 536870912, not 536870912.0
+
+
+def load_run(path: Path) -> RunResult:
+    """Read one metrics.json; a ValueError names the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (is this a cl-run metrics.json?)")
+    tasks = data.get("tasks")
+    steps = data.get("ACC_per_step") or []
+    return RunResult(
+        path=path,
+        run_id=str(data.get("run_id") or path.parent.name),
+        model=str(data["model"]),
+        stream=str(data["task_stream"]),
+        strategy=str(data["strategy"]),
+        ACC=_number(data["ACC"], "ACC", path),
+        BWT=_number(data.get("BWT"), "BWT", path),
+        FWT=_number(data.get("FWT"), "FWT", path),
+        forgetting=_number(data.get("forgetting"), "forgetting", path),
+        LA=_number(data.get("LA"), "LA", path),
+        ACC_per_step=[_number(v, "ACC_per_step", path) for v in steps],
+        num_tasks=len(tasks) if isinstance(tasks, list) else None,
+        wall_time_s=_number(data.get("wall_time_s"), "wall_time_s", path),
+        peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
+        strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
+    )
+
+
+def attach_references(runs: Sequence[RunResult]) -> None:
+    """Point every run at the multitask run of the same stream and model (the best ACC
+    if there are several); runs of a model without one keep `reference = None`."""
+    best: dict[tuple[str, str], RunResult] = {}
+    for run in runs:
+        if not run.is_multitask:
+            continue
+        key = (run.stream, run.model)
+        current = best.get(key)
+        if current is None or (run.ACC is not None and (current.ACC is None or run.ACC > current.ACC)):
+            best[key] = run
+    for run in runs:
+        run.reference = best.get((run.stream, run.model))
+
+
+# --- ordering and formatting ----------------------------------------------------------
+
+# sort key -> (value of a run, higher is better). Text keys sort A..Z.
+SORT_KEYS: dict[str, tuple[Callable[[RunResult], object], bool]] = {
+    "ACC": (lambda r: r.ACC, True),
+    "gap": (lambda r: r.gap, True),
+    "BWT": (lambda r: r.BWT, True),
+    "FWT": (lambda r: r.FWT, True),
+    "F": (lambda r: r.forgetting, False),
+    "forgetting": (lambda r: r.forgetting, False),
+    "LA": (lambda r: r.LA, True),
+    "time": (lambda r: r.wall_time_s, False),
+    "memory": (lambda r: r.peak_memory_bytes, False),
+    "run": (lambda r: r.run_id, False),
+    "model": (lambda r: r.model, False),
+    "strategy": (lambda r: r.strategy, False),
+}
+
+
+def sort_runs(runs: Sequence[RunResult], key: str) -> list[RunResult]:
+    """Best first for metrics (higher ACC/BWT/FWT/LA, lower F/time/memory), A..Z for
+    names; runs without the value go last."""
+    get, descending = SORT_KEYS[key]
+    present = [r for r in runs if get(r) is not None]
+    absent = [r for r in runs if get(r) is None]
+    return sorted(present, key=get, reverse=descending) + absent
+
+
+def group_by_stream(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(run.stream, []).append(run)
+    return {stream: groups[stream] for stream in sorted(groups)}
+
+
+def _fmt(value: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """42.0s, 12m05s, 3h07m."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_bytes(num_bytes: Optional[float]) -> str:
+    """Binary units: 512.0 MiB, 1.50 GiB."""
+    if num_bytes is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}" if unit == "GiB" else f"{num_bytes / size:.1f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+HEADERS = ("run", "model", "stream", "strategy", "ACC", "gap", "BWT", "FWT", "F", "LA", "time", "memory")
+_TEXT_COLUMNS = 4  # the first four are left-aligned text, the rest right-aligned numbers
+
+
+def table_row(run: RunResult) -> list[str]:
+    gap = "ref" if run.is_reference else _fmt(run.gap, signed=True)
+    return [
+        run.run_id, run.model, run.stream, run.strategy,
+        _fmt(run.ACC), gap, _fmt(run.BWT, signed=True), _fmt(run.FWT, signed=True),
+        _fmt(run.forgetting), _fmt(run.LA), format_duration(run.wall_time_s), format_bytes(run.peak_memory_bytes),
+    ]
+
+
+def render_table(rows: Sequence[Sequence[str]]) -> str:
+    """Aligned plain-text table: text columns left, numbers right."""
+    widths = [max(len(HEADERS[c]), *(len(row[c]) for row in rows)) for c in range(len(HEADERS))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if c < _TEXT_COLUMNS else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def render_markdown(rows: Sequence[Sequence[str]]) -> str:
+    align = ["---"] * _TEXT_COLUMNS + ["---:"] * (len(HEADERS) - _TEXT_COLUMNS)
+    lines = ["| " + " | ".join(HEADERS) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _reference_note(runs: Sequence[RunResult]) -> str:
+    refs = [r for r in runs if r.is_reference]
+    if not refs:
+        return "no multitask run in this stream: no upper-bound reference, gap not available"
+    listed = ", ".join(f"{r.run_id} (model {r.model}, ACC {_fmt(r.ACC)})" for r in refs)
+    return f"ref = multitask upper bound, per model: {listed}; gap = ACC - ref ACC"
+
+
+CSV_COLUMNS = (
+    "stream", "model", "strategy", "run", "ACC", "gap_to_multitask", "reference_run", "BWT", "FWT",
+    "forgetting", "LA", "num_tasks", "wall_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
+)
+
+
+def csv_text(groups: dict[str, list[RunResult]]) -> str:
+    """Raw numbers (empty cell for null), one row per run, in the table's order."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for runs in groups.values():
+        for r in runs:
+            values = [
+                r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
+                r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
+                r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path,
+            ]
+            writer.writerow(["" if v is None else v for v in values])
+    return buffer.getvalue()
+
+
+def _count(runs: Sequence[RunResult]) -> str:
+    return "1 run" if len(runs) == 1 else f"{len(runs)} runs"
+
+
+def render(groups: dict[str, list[RunResult]], fmt: str) -> str:
+    """The comparison as text in `fmt` (table, markdown or csv)."""
+    if fmt == "csv":
+        return csv_text(groups).rstrip("\n")
+    blocks = []
+    for stream, runs in groups.items():
+        rows = [table_row(r) for r in runs]
+        if fmt == "markdown":
+            blocks.append(f"### {stream} ({_count(runs)})\n\n{render_markdown(rows)}\n\n{_reference_note(runs)}")
+        else:
+            blocks.append(f"== stream: {stream} ({_count(runs)}) ==\n{render_table(rows)}\n{_reference_note(runs)}")
+    return "\n\n".join(blocks)
+
+
+def _plot_labels(runs: Sequence[RunResult], several_streams: bool) -> dict[str, dict]:
+    labelled: dict[str, dict] = {}
+    for run in runs:
+        label = f"{run.stream} / {run.label}" if several_streams else run.label
+        base, n = label, 2
+        while label in labelled:  # two runs with the same id and strategy
+            label, n = f"{base} #{n}", n + 1
+        labelled[label] = {"ACC_per_step": run.ACC_per_step, "ACC": run.ACC, "BWT": run.BWT, "forgetting": run.forgetting}
+    return labelled
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cl-report",
+        description="Compare continual-learning runs: finds every metrics.json under PATH and prints "
+        "one row per run, grouped by task stream, with the multitask run as the upper bound.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run folders, folders of runs, or metrics.json files")
+    parser.add_argument("--out", type=Path, default=None, help="where comparison.csv and comparison.png go (default: the first PATH)")
+    parser.add_argument("--sort", default="ACC", choices=sorted(SORT_KEYS), help="order of the rows within a stream (default: ACC, best first)")
+    parser.add_argument("--format", dest="fmt", default="table", choices=("table", "csv", "markdown"), help="what is printed (default: table)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        print(f"cl-report: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+
+    files = find_metrics_files(args.paths)
+    runs: list[RunResult] = []
+    for path in files:
+        try:
+            runs.append(load_run(path))
+        except ValueError as err:
+            print(f"cl-report: skipping {err}", file=sys.stderr)
+    if not runs:
+        where = ", ".join(str(p) for p in args.paths)
+        what = "no readable metrics.json" if files else "no metrics.json"
+        print(
+            f"cl-report: {what} found under {where}. Point it at run folders (each with config.yaml "
+            "and metrics.json, written by cl-run when a run ends) or at a folder that contains them.",
+            file=sys.stderr,
+        )
+        return 1
+
+    attach_references(runs)
+    groups = {stream: sort_runs(group, args.sort) for stream, group in group_by_stream(runs).items()}
+    print(render(groups, args.fmt))
+
+    first = args.paths[0]
+    out = args.out or (first.parent if first.is_file() else first)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "comparison.csv"
+    csv_path.write_text(csv_text(groups), encoding="utf-8")
+    from cl_runner.plots import plot_run_comparison  # matplotlib only when writing the figure
+
+    ordered = [run for group in groups.values() for run in group]
+    png_path = plot_run_comparison(_plot_labels(ordered, len(groups) > 1), out / "comparison.png")
+    print(f"cl-report: wrote {csv_path} and {png_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
