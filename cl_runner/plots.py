@@ -48,8 +48,7 @@ def plot_accuracy_matrix(R, task_names: Sequence[str], path, title: Optional[str
     names = _names(task_names, T)
     fig = Figure(figsize=(max(5.0, 2.5 + 0.6 * T), max(3.5, 1.5 + 0.45 * (T + 1))))
     ax = fig.add_subplot()
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     fig.colorbar(image, ax=ax, label="score")
 
