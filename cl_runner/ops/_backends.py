@@ -13,6 +13,7 @@ warn once and run the reference. Nothing is compiled at import time.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Callable, Optional, Sequence
@@ -40,8 +41,9 @@ def _load_extension() -> bool:
         _extension_error = "CL_RUNNER_NO_EXT=1 is set"
         return False
     try:
-        from cl_runner.ops import _C  # noqa: F401  (registers torch.ops.cl_runner.*)
-        from cl_runner.ops import _fake  # noqa: F401  (fake kernels for torch.compile)
+        # Loading the library runs its TORCH_LIBRARY registrations (torch.ops.cl_runner.*).
+        importlib.import_module("cl_runner.ops._C")
+        importlib.import_module("cl_runner.ops._fake")  # fake kernels for torch.compile
     except Exception as error:  # ImportError, or an ABI mismatch with this torch
         _extension_error = f"{type(error).__name__}: {error}"
         return False
