@@ -65,6 +65,10 @@ class TaskStreamConfig:
     # olora: wrap sentences in the instruction template (generative models);
     # null = template for causal/seq2seq models, bare sentence for classifiers.
     template: Optional[bool] = None
+    # olora/custom: a record whose label is not in labels.json: error | drop (logged)
+    unknown_labels: str = "error"
+    # custom: let hf_dataset entries download (off: the local HF cache only)
+    allow_download: bool = False
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -153,6 +157,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.head_sharing": ("label_string", "per_task"),
     "task_stream.kind": ("synthetic", "trace", "olora", "custom"),
+    "task_stream.unknown_labels": ("error", "drop"),
     "trainer.schedule": ("constant", "linear", "cosine"),
     "trainer.precision": ("no", "bf16", "fp16"),
     "evaluation.decoding": ("greedy", "sample"),

@@ -61,6 +61,14 @@ def shuffled_stream(examples: list[Example], seed: int, t: int) -> Iterator[Exam
         epoch += 1
 
 
+def check_scorers(stream: TaskStream) -> None:
+    from cl_runner.evaluation.scorers import SCORERS
+
+    for task in stream:
+        if task.scorer not in SCORERS:
+            raise ValueError(f"task '{task.name}': unknown scorer {task.scorer!r}; choose one of {', '.join(sorted(SCORERS))}")
+
+
 class ContinualLoop:
     def __init__(self, cfg: Any, run_dir: Path, tracker: Tracker, accelerator: Optional[Accelerator] = None) -> None:
         self.cfg = cfg
@@ -70,6 +78,7 @@ class ContinualLoop:
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.trainer.precision)
         set_seed(cfg.seed)
         self.stream: TaskStream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
+        check_scorers(self.stream)
         label_space = LabelSpace(self.stream, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
         self.bundle = build_model(cfg.model, label_space)
         self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,

@@ -18,20 +18,19 @@ def build_stream(cfg: Any, model_kind: str, seed: int) -> TaskStream:
                 task.train = task.train[: cfg.max_train_per_task or None]
                 task.test = task.test[: cfg.max_test_per_task or None]
     elif cfg.kind == "trace":
-        from cl_runner.streams.trace import TRACE_ORDERS, load_trace
+        from cl_runner.streams.trace import load_trace
 
-        tasks = load_trace(cfg.data_dir, order or TRACE_ORDERS["default"], test_split=cfg.test_split, **caps)
+        tasks = load_trace(cfg.data_dir, order or "default", test_split=cfg.test_split, **caps)
     elif cfg.kind == "olora":
-        from cl_runner.streams.olora import OLORA_ORDERS, load_olora
+        from cl_runner.streams.olora import load_olora
 
-        if not order:
-            order = OLORA_ORDERS[cfg.name]
+        order = order or cfg.name  # the named benchmark order, e.g. cl_standard_order1
         template = cfg.template if cfg.template is not None else model_kind != "classifier"
-        tasks = load_olora(cfg.data_dir, order, template=template, **caps)
+        tasks = load_olora(cfg.data_dir, order, template=template, unknown_labels=cfg.unknown_labels, **caps)
     elif cfg.kind == "custom":
         from cl_runner.streams.custom import load_custom
 
-        tasks = load_custom(list(cfg.tasks), **caps)
+        tasks = load_custom(list(cfg.tasks), allow_download=cfg.allow_download, **caps)
     else:
         raise ValueError(f"task_stream.kind: unknown kind {cfg.kind!r}")
     if not tasks:
