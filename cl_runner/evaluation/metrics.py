@@ -114,7 +114,7 @@ def forgetting(R, j: int, k: int) -> Number:
     """f_j^k = max_{j<=l<k} R[l, j] - R[k, j]: forgetting of task j after task k.
 
     The drop from the best score task j ever had since it was learned to its score after
-    task k (Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning", eq. 1,
+    task k (Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning",
     with l starting at j: rows before task j was learned do not count). It uses the
     maximum, not the diagonal, so it differs from -BWT when a task peaks later.
     `j` and `k` are 1-based, 1 <= j < k <= T."""

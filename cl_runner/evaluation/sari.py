@@ -17,7 +17,7 @@ is what TRACE calls for 20Minuten, so that our numbers are the published ones (o
   0/0 = 1 bonus on additions.
 * n-gram counts of the source and the prediction are multiplied by the number of
   references, and the references' counts are summed, so several references act as
-  fractional votes (Xu et al., section 4.1).
+  fractional votes, as in Xu et al.'s multi-reference formulation.
 * 0/0 is defined as 1 for every precision and recall (a prediction equal to the source
   when the reference is also the source scores 1).
 * keep recall divides by the total count of source n-grams found in the references
