@@ -38,7 +38,7 @@ def _extension_setup() -> dict:
 
     csrc = os.path.join("csrc")
     sources = [os.path.join(csrc, "projection.cpp")]
-    cxx_flags = ["-O2", "-std=c++17"]
+    cxx_flags = ["-O2"]  # the C++ standard is torch's choice (its headers need it)
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += [os.path.join(csrc, "projection_cuda.cpp"),
@@ -46,7 +46,7 @@ def _extension_setup() -> dict:
         extension = cpp_extension.CUDAExtension(
             "cl_runner.ops._C", sources,
             define_macros=[("CL_RUNNER_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
     else:
         extension = cpp_extension.CppExtension(
             "cl_runner.ops._C", sources, extra_compile_args={"cxx": cxx_flags})
