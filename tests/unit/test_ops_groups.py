@@ -14,6 +14,16 @@ LAYOUT = [((64, 64), 48), ((64, 64), 10), ((64, 64), 0), ((64, 64), 63),
           ((172, 64), 16), ((172, 64), 40), ((64, 172), 40), ((64, 172), 8)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small matrices: extra threads only add synchronisation, which stalls badly when
+    # the machine is shared. Restored for other test modules.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_params(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(f"layer{i}.w", torch.nn.Parameter(torch.randn(*shape, generator=g) / 8))

@@ -7,6 +7,16 @@ import torch
 from cl_runner import ops
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small matrices: extra threads only add synchronisation, which stalls badly when
+    # the machine is shared. Restored for other test modules.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
