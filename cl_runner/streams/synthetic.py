@@ -32,7 +32,7 @@ RULES: dict[str, tuple[Callable[[str, str], str], str, str]] = {
     "rotate_upper": (lambda s, a: s[1:] + s[:1], "upper", "T"),
 }
 
-DEFAULT_ORDER = ["reverse", "sort_letters", "increment"]
+DEFAULT_ORDER = ["reverse", "shift_letters", "increment"]
 
 
 def synthetic_task(name: str, num_digits: int, train_size: int, test_size: int, seed: int) -> Task:
