@@ -1,0 +1,398 @@
+"""svd_orthogonal: adaptive-SVD orthogonal full fine-tuning.
+
+Sculpting Subspaces (Nayak et al. 2025, arXiv:2504.07097) and its production form, OSFT
+in Red Hat's mini_trainer. At the start of every task each target matrix W (m x n) is
+split by its top-k singular directions U (m x k), V (n x k) into a preserved part and a
+trainable rest; the task then trains W only outside the preserved subspace:
+
+- after every backward (on the accumulated gradient, once per optimizer step):
+  `two_sided` G <- (I - UUᵀ) G (I - VVᵀ) (what mini_trainer's factored update allows), or
+  `high_block` G <- G - U (UᵀGV) Vᵀ (the formula written in the paper);
+- after every optimizer step, AdamW's element-wise scaling and decoupled weight decay move
+  W out of that set again, so the step's update is projected back (W <- W_0 + P(W - W_0),
+  done by `ops.ProjectionGroups` from a factored anchor of the task-start weights).
+  Over a task, Uᵀ (W_end − W_start) V = 0 (two_sided: also Uᵀ ΔW = 0 and ΔW V = 0).
+
+k per matrix comes from `svd_rank` (adaptive importance or a fixed ratio), the targets
+from `svd_targets`. All SVD and projection math runs in `cl_runner.ops`.
+Beyond the paper: `bases: accumulate` keeps the union of the preserved subspaces of all
+past tasks (old directions first, then the current task's new ones, re-orthonormalised,
+capped at `rank_budget` · min(m, n)) instead of only the current weights' top-k.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from cl_runner import ops
+from cl_runner.strategies.base import Strategy, tensor_bytes
+from cl_runner.strategies.registry import register
+from cl_runner.strategies.svd_rank import (_EPS, adaptive_ranks, clamp_rank, layer_importances,
+                                           ratio_ranks, scheduled_fraction)
+from cl_runner.strategies.svd_targets import Target, find_targets
+from cl_runner.streams.task import Task
+
+RANK_MODES = ("adaptive", "ratio")
+BASES_MODES = ("current", "accumulate")
+BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SVD_METHODS = ("exact", "randomized")
+# A direction of the new task's basis counts as new in `accumulate` when more than this
+# much of its (unit) length lies outside the subspace already kept.
+_NEW_DIRECTION_TOL = 1e-4
+_STATE_VERSION = 1
+
+
+def _default_targets() -> Dict[str, List[str]]:
+    llama = [r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_attn\.v_proj",
+             r"self_attn\.o_proj", r"mlp\.gate_proj", r"mlp\.up_proj", r"mlp\.down_proj"]
+    return {
+        "gpt2": [r"attn\.c_attn", r"attn\.c_proj", r"mlp\.c_fc", r"mlp\.c_proj"],
+        "llama": list(llama),
+        "mistral": list(llama),
+        "qwen2": list(llama),
+        "t5": [r"(SelfAttention|EncDecAttention)\.(q|k|v|o)",
+               r"DenseReluDense\.(wi|wi_0|wi_1|wo)"],
+        "bert": [r"attention\.self\.(query|key|value)", r"attention\.output\.dense",
+                 r"intermediate\.dense", r"\d+\.output\.dense"],
+    }
+
+
+@dataclass
+class SVDRankConfig:
+    # adaptive: k from layer importance (the paper); ratio: fixed fraction (mini_trainer).
+    mode: str = "adaptive"
+    # Adaptive: minimum / target preserved fraction (mrr / trr in the paper).
+    mrr: float = 0.1
+    trr: float = 0.8
+    # Ratio: the trainable fraction; k = floor(min(m, n) * (1 - unfreeze_ratio)).
+    unfreeze_ratio: float = 0.25
+    # Adaptive: examples of the previous task (the current one at t = 0) for importance.
+    importance_examples: int = 128
+    # Every preserved fraction grows by this much per task (0 = off; the paper's T5 runs).
+    schedule_step: float = 0.0
+    # ... up to this cap.
+    schedule_cap: float = 0.95
+
+
+@dataclass
+class SVDOrthogonalConfig:
+    name: str = "svd_orthogonal"
+    # Target patterns per model family (regex on the end of module names); a family not
+    # listed uses every 2-D weight inside the repeated blocks.
+    targets: Dict[str, List[str]] = field(default_factory=_default_targets)
+    # Freeze everything that is not a target (embeddings, norms, biases, head).
+    freeze_untargeted: bool = False
+    rank: SVDRankConfig = field(default_factory=SVDRankConfig)
+    # two_sided: (I-UUᵀ)G(I-VVᵀ); high_block: G - U(UᵀGV)Vᵀ.
+    projection: str = "two_sided"
+    # current: top-k of the current W per task; accumulate: union over past tasks.
+    bases: str = "current"
+    # accumulate: cap on preserved directions per side, as a fraction of min(m, n).
+    rank_budget: float = 0.9
+    # Storage dtype of the bases (math is fp32 either way): fp32 | bf16.
+    basis_dtype: str = "fp32"
+    # exact (batched torch.linalg.svd) | randomized (range finder), via cl_runner.ops.
+    svd_method: str = "exact"
+    svd_oversample: int = 10
+    svd_power_iters: int = 2
+    # Keep AdamW's state across tasks instead of a fresh optimizer per task.
+    carry_optimizer: bool = False
+
+
+def _choice(value: str, key: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"bad value for '{key}': {value!r}; use one of {', '.join(allowed)}")
+    return value
+
+
+def _in_range(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"bad value for '{key}': {value!r}; {fix}")
+
+
+def _plain(node: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return node
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@register("svd_orthogonal", config=SVDOrthogonalConfig)
+class SVDOrthogonal(Strategy):
+    def __init__(self, config: SVDOrthogonalConfig) -> None:
+        super().__init__(config)
+        c, r = config, config.rank
+        _choice(r.mode, "strategy.rank.mode", RANK_MODES)
+        _choice(c.projection, "strategy.projection", ops.MODES)
+        _choice(c.bases, "strategy.bases", BASES_MODES)
+        _choice(c.basis_dtype, "strategy.basis_dtype", tuple(BASIS_DTYPES))
+        _choice(c.svd_method, "strategy.svd_method", SVD_METHODS)
+        for key in ("mrr", "trr", "unfreeze_ratio", "schedule_cap"):
+            v = getattr(r, key)
+            _in_range(0.0 <= v <= 1.0, f"strategy.rank.{key}", v, "use a fraction in [0, 1]")
+        _in_range(r.mrr <= r.trr, "strategy.rank.mrr", r.mrr, f"use mrr <= trr ({r.trr})")
+        _in_range(r.importance_examples >= 1, "strategy.rank.importance_examples",
+                  r.importance_examples, "use at least 1 example")
+        _in_range(r.schedule_step >= 0, "strategy.rank.schedule_step", r.schedule_step,
+                  "use a step >= 0 (0 turns the schedule off)")
+        _in_range(0.0 < c.rank_budget <= 1.0, "strategy.rank_budget", c.rank_budget,
+                  "use a fraction in (0, 1]")
+        _in_range(c.svd_oversample >= 0, "strategy.svd_oversample", c.svd_oversample, "use >= 0")
+        _in_range(c.svd_power_iters >= 0, "strategy.svd_power_iters", c.svd_power_iters, "use >= 0")
+        self.carry_optimizer = bool(c.carry_optimizer)
+        self.targets: list[Target] = []
+        self.groups: Optional[ops.ProjectionGroups] = None
+        self._accumulated: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._frozen: list[str] = []
+        self._in_task = False
+        self._task = -1
+        self._history: list[dict[str, Any]] = []
+        self._k_per_target: dict[str, list[list[int]]] = {}
+        self._importance_per_target: dict[str, list[float]] = {}
+        self._grad_seconds = 0.0
+        self._update_seconds = 0.0
+        self._steps = 0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        model = ctx.unwrapped_model
+        self.targets = find_targets(model, ctx.model_family, _plain(self.config.targets) or {})
+        self.groups = ops.ProjectionGroups(
+            [(t.name, t.param) for t in self.targets], mode=self.config.projection,
+            basis_dtype=BASIS_DTYPES[self.config.basis_dtype])
+        self._k_per_target = {t.name: [] for t in self.targets}
+
+    # ------------------------------------------------------------------ task start
+    def before_task(self, t: int, task: Task) -> None:
+        started = time.perf_counter()
+        ks, source, importance_seconds = self._choose_ranks(t, task)
+        svd_started = time.perf_counter()
+        weights = [tg.param.detach() for tg in self.targets]
+        c = self.config
+        bases, stats = ops.top_k_bases(weights, ks, method=c.svd_method,
+                                       oversample=c.svd_oversample,
+                                       power_iters=c.svd_power_iters, out_dtype=torch.float32,
+                                       return_stats=True, seed=self.ctx.seed + t)
+        named = {tg.name: (u, v) for tg, (u, v) in zip(self.targets, bases)}
+        if c.bases == "accumulate":
+            named = self._accumulate(named)
+        self.groups.set_bases(named)
+        self.groups.snapshot_weights()
+        self.groups.attach_grads()
+        _sync(weights[0].device)
+        svd_seconds = time.perf_counter() - svd_started
+        self._freeze_untargeted()
+        self._in_task, self._task = True, t
+        self._record(t, task, named, source, importance_seconds, svd_seconds,
+                     time.perf_counter() - started, stats)
+
+    def _choose_ranks(self, t: int, task: Task) -> tuple[list[int], str, float]:
+        r = self.config.rank
+        dims = [tg.rank_dim for tg in self.targets]
+        if r.mode == "ratio":
+            fraction = scheduled_fraction(1.0 - r.unfreeze_ratio, t, r.schedule_step,
+                                          r.schedule_cap)
+            return ratio_ranks(dims, fraction), "ratio", 0.0
+        started = time.perf_counter()
+        if t > 0:
+            previous = self.ctx.stream[t - 1]
+            examples, source = list(previous.train), f"previous task '{previous.name}'"
+        else:  # no previous task: the paper's "previous data" is the pre-training data
+            examples, source = list(task.train), f"current task '{task.name}' (t=0)"
+        if not examples:
+            raise ValueError(f"svd_orthogonal: rank.mode=adaptive needs training examples "
+                             f"for the importance pass and {source} has none; use "
+                             "strategy.rank.mode=ratio")
+        n = r.importance_examples
+        if len(examples) > n:
+            rng = random.Random(self.ctx.seed * 1_000_003 + t)
+            examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]
+        batches = [self.ctx.collate([ex]) for ex in examples]
+        importances = layer_importances(self.ctx.unwrapped_model,
+                                        [tg.module for tg in self.targets], batches,
+                                        self._forward, self.ctx.accelerator.autocast)
+        mrr = scheduled_fraction(r.mrr, t, r.schedule_step, r.schedule_cap)
+        trr = scheduled_fraction(r.trr, t, r.schedule_step, r.schedule_cap)
+        for tg, imp in zip(self.targets, importances):
+            self._importance_per_target.setdefault(tg.name, []).append(imp)
+        return adaptive_ranks(importances, dims, mrr, trr), source, time.perf_counter() - started
+
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        if self.ctx.model_kind == "classifier":
+            return model(**{k: v for k, v in batch.items() if k not in ("labels", "label_mask")})
+        return model(**batch)
+
+    def _accumulate(self, current: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """Union of the kept subspaces and this task's top-k, old directions first."""
+        out = {}
+        for tg in self.targets:
+            u_new, v_new = current[tg.name]
+            cap = clamp_rank(math.floor(self.config.rank_budget * tg.rank_dim + _EPS),
+                             tg.rank_dim)
+            old = self._accumulated.get(tg.name)
+            u = _union(None if old is None else old[0], u_new, cap)
+            v = _union(None if old is None else old[1], v_new, cap)
+            out[tg.name] = (u, v)
+        self._accumulated = {name: (u.detach().clone(), v.detach().clone())
+                             for name, (u, v) in out.items()}
+        return out
+
+    def _freeze_untargeted(self) -> None:
+        if not self.config.freeze_untargeted:
+            return
+        targeted = {id(tg.param) for tg in self.targets}
+        self._frozen = []
+        for name, p in self.ctx.unwrapped_model.named_parameters():
+            if id(p) not in targeted and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None  # a carried optimizer skips parameters without a gradient
+                self._frozen.append(name)
+
+    def _unfreeze(self) -> None:
+        if not self._frozen:
+            return
+        params = dict(self.ctx.unwrapped_model.named_parameters())
+        for name in self._frozen:
+            params[name].requires_grad_(True)
+        self._frozen = []
+
+    # ------------------------------------------------------------------ steps
+    def after_backward(self) -> None:
+        if not self._in_task:
+            return
+        started = time.perf_counter()
+        self.groups.project_grads_()
+        _sync(self.targets[0].param.device)
+        self._grad_seconds += time.perf_counter() - started
+        self._steps += 1
+
+    def after_optimizer_step(self) -> None:
+        if not self._in_task:
+            return
+        started = time.perf_counter()
+        self.groups.project_weight_update_()
+        _sync(self.targets[0].param.device)
+        self._update_seconds += time.perf_counter() - started
+
+    def after_task(self, t: int, task: Task) -> None:
+        self._unfreeze()
+        self._in_task = False
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record(self, t: int, task: Task, named: dict, source: str, importance_seconds: float,
+                svd_seconds: float, total_seconds: float, stats: Any) -> None:
+        k_left = [int(named[tg.name][0].shape[1]) for tg in self.targets]
+        k_right = [int(named[tg.name][1].shape[1]) for tg in self.targets]
+        for tg, kl, kr in zip(self.targets, k_left, k_right):
+            self._k_per_target[tg.name].append([kl, kr])
+        fractions = [kl / tg.rank_dim for tg, kl in zip(self.targets, k_left)]
+        entry = {
+            "task": t, "name": task.name, "rank_source": source,
+            "importance_seconds": importance_seconds, "svd_seconds": svd_seconds,
+            "basis_seconds": total_seconds, "basis_bytes": self._basis_bytes(),
+            "state_bytes": self.extra_state_bytes(),
+            "k_min": min(k_left), "k_mean": sum(k_left) / len(k_left), "k_max": max(k_left),
+            "preserved_fraction_mean": sum(fractions) / len(fractions),
+            "svd_residual_fro_mean": sum(stats.residual_fro) / len(stats.residual_fro),
+            "frozen_untargeted": len(self._frozen),
+        }
+        if self.config.bases == "accumulate":
+            entry.update(k_right_min=min(k_right), k_right_max=max(k_right))
+        self._history.append(entry)
+        self.ctx.log({f"svd/{k}": v for k, v in entry.items()
+                      if isinstance(v, (int, float)) and k != "task"})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION, "task": self._task, "in_task": self._in_task,
+            "groups": self.groups.state_dict() if self.groups is not None else None,
+            "accumulated": dict(self._accumulated), "history": list(self._history),
+            "k_per_target": {k: list(v) for k, v in self._k_per_target.items()},
+            "importance_per_target": {k: list(v) for k, v in self._importance_per_target.items()},
+            "grad_seconds": self._grad_seconds, "update_seconds": self._update_seconds,
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"svd_orthogonal state version {state.get('version')!r}; this "
+                             f"code reads version {_STATE_VERSION}")
+        self._task, self._in_task = state["task"], state["in_task"]
+        if state["groups"] is not None and self._task >= 0:
+            self.groups.load_state_dict(state["groups"])
+        self._accumulated = dict(state["accumulated"])
+        self._history = list(state["history"])
+        self._k_per_target = {k: list(v) for k, v in state["k_per_target"].items()}
+        self._importance_per_target = {k: list(v) for k, v in
+                                       state["importance_per_target"].items()}
+        self._grad_seconds, self._update_seconds = state["grad_seconds"], state["update_seconds"]
+        self._steps = state["steps"]
+        if self._in_task:  # resumed mid-task: before_task is not called again
+            self._freeze_untargeted()
+            self.groups.attach_grads()
+
+    def _basis_bytes(self) -> int:
+        """Bytes of the stored bases alone (U, V or their complements, padded per bucket);
+        `extra_state_bytes` adds the weight anchors of ops.ProjectionGroups."""
+        if self.groups is None:
+            return 0
+        size = torch.empty((), dtype=BASIS_DTYPES[self.config.basis_dtype]).element_size()
+        return sum(b["count"] * (b["shape"][0] * b["left_width"] + b["shape"][1] * b["right_width"])
+                   for b in self.groups.layout()) * size
+
+    def extra_state_bytes(self) -> int:
+        total = self.groups.nbytes() if self.groups is not None else 0
+        return total + tensor_bytes(list(self._accumulated.values()))
+
+    def report(self) -> dict[str, Any]:
+        ks = [k for per in self._k_per_target.values() for k, _ in per[-1:]]
+        return {
+            "targets": len(self.targets),
+            "projection": self.config.projection, "bases": self.config.bases,
+            "rank_mode": self.config.rank.mode,
+            "tasks": list(self._history),
+            "k_summary": ({"min": min(ks), "mean": sum(ks) / len(ks), "max": max(ks)}
+                          if ks else {}),
+            "k_per_target": {k: list(v) for k, v in self._k_per_target.items()},
+            "importance_per_target": {k: list(v) for k, v in self._importance_per_target.items()},
+            "shapes": {tg.name: list(tg.shape) for tg in self.targets},
+            "basis_seconds_total": sum(h["basis_seconds"] for h in self._history),
+            "projection_seconds": self._grad_seconds + self._update_seconds,
+            "grad_projection_seconds": self._grad_seconds,
+            "weight_projection_seconds": self._update_seconds,
+            "projection_steps": self._steps,
+            "basis_bytes": self._basis_bytes(),
+            "state_bytes": self.extra_state_bytes(),
+        }
+
+
+def _union(old: Optional[torch.Tensor], new: torch.Tensor, cap: int) -> torch.Tensor:
+    """Orthonormal basis of span(old) + span(new), old columns first, at most `cap`
+    columns. New directions are ranked by how much of them lies outside span(old)."""
+    if old is None or old.shape[1] == 0:
+        return new[:, :cap].contiguous()
+    old = old.to(device=new.device, dtype=new.dtype)
+    if old.shape[1] >= cap or new.shape[1] == 0:
+        return old[:, :cap].contiguous()
+    residual = new.clone()
+    ops.project_([residual], [old], [None], "two_sided")  # (I - old oldᵀ) new
+    (directions, _), = ops.top_k_bases([residual], [min(residual.shape)])
+    strength = (directions.T @ residual).norm(dim=1)  # singular values, descending
+    keep = min(int((strength > _NEW_DIRECTION_TOL).sum()), cap - old.shape[1])
+    return torch.cat([old, directions[:, :keep]], dim=1).contiguous()

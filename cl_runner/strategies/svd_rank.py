@@ -1,0 +1,116 @@
+"""How many singular directions svd_orthogonal preserves per target matrix (k_l).
+
+- Adaptive (Sculpting Subspaces, Nayak et al. 2025, Sec. 3): layer importance
+  I_l = mean over N inputs of cos(x_l, y_l) between the layer's input and output
+  activations (first min(m, n) coordinates when the matrix is not square), normalised
+  across layers (I_l / mean I); preserved fraction r_l = mrr + I_l (trr − mrr);
+  k_l = round(r_l · min(m, n)) clamped to [0, min(m, n) − 1].
+- Ratio (Red Hat's mini_trainer OSFT): k = floor(min(m, n) · (1 − unfreeze_ratio)),
+  clamped the same way.
+- Schedule (the paper's T5 runs): every preserved fraction (mrr, trr, or 1 − unfreeze_ratio)
+  grows by `schedule_step` per task, capped at `schedule_cap`.
+
+Token positions (our choice, the paper only says "mean over inputs"): each example is run
+alone (batch of one, so no padding position ever enters the mean); its score is the mean
+cosine over all positions the layer sees in that forward pass, and I_l is the mean of the
+N example scores, so long and short examples weigh the same.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-9  # guards floor() against 0.7 * 10 = 6.9999999...
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def clamp_rank(k: int, dim: int) -> int:
+    """Keep at least one trainable direction: k in [0, dim − 1]."""
+    return max(0, min(int(k), dim - 1))
+
+
+def adaptive_ranks(importances: Sequence[float], dims: Sequence[int], mrr: float,
+                   trr: float) -> list[int]:
+    """k_l = round((mrr + (I_l / mean I) (trr − mrr)) · dim_l), clamped to [0, dim_l − 1].
+
+    `importances` are the raw mean cosines I_l, `dims` the min(m, n) of each matrix.
+    Rounding is half-up (2.5 -> 3). A non-positive or non-finite mean importance (no
+    signal to rank layers by) gives every layer the mean, i.e. r_l = trr."""
+    if len(importances) != len(dims):
+        raise ValueError(f"got {len(importances)} importances and {len(dims)} dims")
+    if not importances:
+        return []
+    mean = sum(importances) / len(importances)
+    if not math.isfinite(mean) or mean <= 0:
+        normalised = [1.0] * len(importances)
+    else:
+        normalised = [i / mean for i in importances]
+    ks = []
+    for imp, dim in zip(normalised, dims):
+        r = mrr + imp * (trr - mrr)
+        ks.append(clamp_rank(_round_half_up(r * dim), dim))
+    return ks
+
+
+def ratio_ranks(dims: Sequence[int], preserved_fraction: float) -> list[int]:
+    """k = floor(dim · preserved_fraction), clamped to [0, dim − 1] (mini_trainer's rule
+    with preserved_fraction = 1 − unfreeze_ratio)."""
+    return [clamp_rank(math.floor(dim * preserved_fraction + _EPS), dim) for dim in dims]
+
+
+def scheduled_fraction(fraction: float, t: int, step: float, cap: float) -> float:
+    """The preserved fraction at task t: fraction + t · step, capped (step 0: unchanged)."""
+    if step == 0:
+        return fraction
+    return min(cap, fraction + t * step)
+
+
+@torch.no_grad()
+def layer_importances(model: nn.Module, modules: Sequence[nn.Module],
+                      batches: Sequence[dict[str, torch.Tensor]],
+                      forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any],
+                      autocast: Callable[[], Any]) -> list[float]:
+    """Mean cos(x, y) between each module's input and output (see the module docstring)
+    over `batches` (one example each), in eval mode, without gradients."""
+    sums = [0.0] * len(modules)
+    per_example: list[list[float]] = [[] for _ in modules]
+
+    def hook_for(i: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0] if args else None
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                return
+            d = min(x.shape[-1], y.shape[-1])
+            cos = F.cosine_similarity(x[..., :d].float(), y[..., :d].float(), dim=-1)
+            per_example[i].append(float(cos.mean()))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            calls = [len(p) for p in per_example]
+            with autocast():
+                forward(model, batch)
+            for i, p in enumerate(per_example):
+                # A module called several times in one forward counts once per example.
+                new = p[calls[i]:]
+                if new:
+                    del p[calls[i]:]
+                    p.append(sum(new) / len(new))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for i, p in enumerate(per_example):
+        sums[i] = sum(p) / len(p) if p else 0.0
+    return sums
