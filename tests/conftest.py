@@ -41,7 +41,7 @@ def run_cl(overrides: list[str], workdir: Path) -> tuple[dict, Path]:
     finally:
         os.chdir(cwd)
     runs = sorted(workdir.glob("results/*/*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith(("output_dir=", "resume="))]
     path = Path(explicit[0]) / "metrics.json" if explicit else runs[-1]
     if not path.is_absolute():
         path = workdir / path

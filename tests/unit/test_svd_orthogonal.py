@@ -2,7 +2,6 @@
 invariants over a whole task through the strategy hooks, checkpoints, accumulate."""
 from __future__ import annotations
 
-import copy
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -303,7 +302,6 @@ def test_high_block_invariant_over_a_task():
 
 
 def test_adaptive_mode_invariant_and_importance_report():
-    logs: list = []
     strategy, results, _ = _task_invariants("gpt2")
     report = strategy.report()
     task0 = report["tasks"][0]

@@ -1,0 +1,107 @@
+"""End-to-end runs of the runner core on the built-in stream with a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cl_runner.loop import ContinualLoop
+from tests.conftest import run_cl
+
+SMALL = ["task_stream.train_size=300", "task_stream.test_size=20", "trainer.steps_per_task=30",
+         "trainer.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default experiment exactly as `cl-run` runs it (only the tracker is off)."""
+    return run_cl([], tmp_path_factory.mktemp("default"))
+
+
+def test_default_run_learns_every_task_and_seq_ft_forgets(default_run):
+    metrics, run_dir = default_run
+    R = metrics["R"]
+    assert metrics["tasks"] == ["reverse", "shift_letters", "increment"]
+    assert len(R) == 4 and all(len(row) == 3 for row in R)
+    # Every task is learned when it is trained (the diagonal)...
+    assert all(R[j + 1][j] >= 0.9 for j in range(3)), R
+    # ...and sequential fine-tuning forgets the earlier ones: BWT clearly negative.
+    assert metrics["BWT"] <= -0.5, metrics["BWT"]
+    assert metrics["strategy"] == "seq_ft"
+
+
+def test_default_run_writes_every_output(default_run):
+    metrics, run_dir = default_run
+    for key in ("tasks", "R", "ACC", "BWT", "FWT", "forgetting", "LA", "ACC_per_step", "wall_time_s",
+                "peak_memory_bytes", "train_tokens_per_s", "strategy_extra_bytes"):
+        assert key in metrics, key
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "R.csv").read_text().splitlines()[0].startswith("tasks_learned,after,reverse")
+    assert (run_dir / "plots" / "accuracy_matrix.png").stat().st_size > 0
+    assert (run_dir / "plots" / "forgetting_curves.png").stat().st_size > 0
+    preds = (run_dir / "predictions" / "task_1_after_3.jsonl").read_text().splitlines()
+    assert len(preds) == 100 and {"prompt", "answer", "prediction", "score"} <= set(json.loads(preds[0]))
+    assert (run_dir / "checkpoints").is_dir()
+
+
+def test_output_dir_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    run_cl(SMALL + ["task_stream.order=[reverse]", f"output_dir={out}"], tmp_path)
+    from cl_runner.tracking import RunFolderError
+
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        run_cl(SMALL + ["task_stream.order=[reverse]", f"output_dir={out}"], tmp_path)
+
+
+def test_two_runs_get_two_folders(tmp_path):
+    run_cl(SMALL + ["task_stream.order=[reverse]"], tmp_path)
+    run_cl(SMALL + ["task_stream.order=[reverse]"], tmp_path)
+    assert len(list(tmp_path.glob("results/default/*/metrics.json"))) == 2
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [45, 60])  # mid-task (task 2, step 15) and a task boundary
+def test_resume_gives_the_same_R_as_an_uninterrupted_run(tmp_path, monkeypatch, stop_at):
+    overrides = SMALL + ["trainer.checkpoint_every_steps=5", "task_stream.order=[reverse,increment,copy]",
+                         "trainer.lr=0.01", "model.architecture_config.resid_pdrop=0.1"]  # dropout: RNG must resume too
+    full, _ = run_cl(overrides + [f"output_dir={tmp_path / 'full'}"], tmp_path)
+
+    original = ContinualLoop._optimizer_step
+
+    def crashing(self, optimizer, micro):
+        if self.progress.global_step == stop_at:
+            raise Interrupted("simulated crash")
+        return original(self, optimizer, micro)
+
+    monkeypatch.setattr(ContinualLoop, "_optimizer_step", crashing)
+    with pytest.raises(Interrupted):
+        run_cl(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path)
+    monkeypatch.setattr(ContinualLoop, "_optimizer_step", original)
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    resumed, _ = run_cl([f"resume={tmp_path / 'stopped'}"], tmp_path)
+    assert resumed["R"] == full["R"]
+    assert resumed["optimizer_steps"] == full["optimizer_steps"]
+    # The strongest check: the final weights are bit-identical.
+    import torch
+
+    final_full = torch.load(tmp_path / "full" / "checkpoints" / "task002_done.pt", weights_only=False)["model"]
+    final_resumed = torch.load(tmp_path / "stopped" / "checkpoints" / "task002_done.pt", weights_only=False)["model"]
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_multitask_is_the_upper_bound(tmp_path):
+    seq, _ = run_cl(SMALL + ["trainer.steps_per_task=80", "task_stream.order=[reverse,increment]"], tmp_path)
+    joint, _ = run_cl(SMALL + ["trainer.steps_per_task=80", "task_stream.order=[reverse,increment]",
+                               "strategy=multitask"], tmp_path)
+    assert joint["ACC"] > seq["ACC"] + 0.2, (joint["R"], seq["R"])
+
+
+def test_wandb_offline_logs_a_tasks_learned_axis(tmp_path):
+    metrics, run_dir = run_cl(SMALL + ["task_stream.order=[reverse,copy]", "logger=wandb", "logger.mode=offline"],
+                              tmp_path)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run folder"
+    assert list(runs[0].glob("*.wandb"))
