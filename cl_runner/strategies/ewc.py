@@ -1,0 +1,260 @@
+"""Elastic Weight Consolidation, online by default.
+
+Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks" (Eq. 3):
+while training task t >= 1 (0-based), the loss gains
+
+    (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2,
+
+with F the diagonal Fisher information of the past tasks and theta* the weights after
+them. `mode: online` is Schwarz et al. 2018 ("Progress & Compress", online EWC): one
+running F <- gamma F + F_t and theta* <- theta after each task, so memory stays at 2P.
+`mode: separate` keeps one (F_k, theta*_k) pair and one penalty term per past task.
+
+The Fisher comes from a separate pass after each task over up to `fisher_samples`
+training examples of that task (model in eval mode, no penalty): squared gradients of the
+loss on the data labels (`fisher: empirical`) or on labels sampled from the model's own
+predictive distribution (`fisher: sampled`, the true Fisher's estimator), per batch
+(`granularity: batch`, normalised by the number of batches) or per example (`sample`,
+normalised by the number of examples). F and theta* are fp32, on the parameters' devices.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_runner.strategies.base import Batch, Strategy, StrategyContext, tensor_bytes
+from cl_runner.strategies.registry import register
+from cl_runner.streams.task import Example, Task
+
+IGNORE = -100
+MODES = ("online", "separate")
+FISHERS = ("empirical", "sampled")
+GRANULARITIES = ("batch", "sample")
+
+
+@dataclass
+class EWCConfig:
+    name: str = "ewc"
+    # Penalty strength lambda (the penalty is lambda/2 * sum F (theta - theta*)^2). No value
+    # transfers across models and Fisher settings: sweep it (see configs/strategy/ewc.yaml).
+    ewc_lambda: float = 400.0
+    # online (one running F, theta*) | separate (one pair per past task)
+    mode: str = "online"
+    # online: decay of the old Fisher, F <- gamma F + F_new (1.0 = plain sum).
+    gamma: float = 1.0
+    # empirical (data labels) | sampled (labels drawn from the model's predictions)
+    fisher: str = "empirical"
+    # batch (squared mean-loss gradient per batch) | sample (per-example squared gradients)
+    granularity: str = "batch"
+    # Examples of the task's training set in the Fisher pass (a seeded sample when larger).
+    fisher_samples: int = 512
+    # Examples per Fisher batch (granularity: batch).
+    fisher_batch_size: int = 8
+    # Divide each new Fisher by its mean over all entries, so lambda transfers across models.
+    normalize_fisher: bool = False
+    # Keep AdamW's state across tasks instead of a fresh optimizer per task.
+    carry_optimizer: bool = False
+
+
+def sample_labels(model: nn.Module, batch: Batch, kind: str, generator: Optional[torch.Generator] = None) -> Batch:
+    """A copy of `batch` whose labels are drawn from the model's own predictive
+    distribution at the labelled positions (the estimator of the true Fisher).
+
+    causal: logits at position i predict token i+1 (HF shifts labels inside the model), so
+    label i is drawn from softmax(logits[i-1]); the inputs keep the data tokens.
+    seq2seq: label j is drawn from softmax(decoder logits[j]); the decoder keeps reading the
+    data prefix (decoder_input_ids built from the data labels).
+    classifier: one class per example, drawn among the task's allowed classes."""
+    out = dict(batch)
+    with torch.no_grad():
+        if kind == "classifier":
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_mask")}
+            logits = model(**inputs).logits.float().masked_fill(~batch["label_mask"], float("-inf"))
+            out["labels"] = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            return out
+        labels = batch["labels"]
+        if kind == "seq2seq" and hasattr(model, "prepare_decoder_input_ids_from_labels"):
+            out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = model(**out).logits.float()
+        new = labels.clone()
+        if kind == "causal":
+            mask = labels[:, 1:] != IGNORE
+            probs = F.softmax(logits[:, :-1][mask], -1)
+            new[:, 1:][mask] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            mask = labels != IGNORE
+            probs = F.softmax(logits[mask], -1)
+            new[mask] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        out["labels"] = new
+    return out
+
+
+@register("ewc", config=EWCConfig)
+class ElasticWeightConsolidation(Strategy):
+    def __init__(self, config: EWCConfig) -> None:
+        super().__init__(config)
+        for key, allowed in (("mode", MODES), ("fisher", FISHERS), ("granularity", GRANULARITIES)):
+            value = getattr(config, key)
+            if value not in allowed:
+                raise ValueError(f"bad value for 'strategy.{key}': {value!r}; choose one of: {', '.join(allowed)}")
+        if config.ewc_lambda < 0:
+            raise ValueError(f"bad value for 'strategy.ewc_lambda': {config.ewc_lambda!r}; use a value >= 0 "
+                             "(sweep e.g. 1, 10, 100, 400, 1000, 1e4)")
+        if not 0.0 <= config.gamma <= 1.0:
+            raise ValueError(f"bad value for 'strategy.gamma': {config.gamma!r}; use a decay in [0, 1]")
+        for key in ("fisher_samples", "fisher_batch_size"):
+            if getattr(config, key) < 1:
+                raise ValueError(f"bad value for 'strategy.{key}': {getattr(config, key)!r}; use a positive integer")
+        self.carry_optimizer = bool(config.carry_optimizer)
+        # One (fisher, anchor) pair in online mode; one per past task in separate mode.
+        self.fishers: list[dict[str, torch.Tensor]] = []
+        self.anchors: list[dict[str, torch.Tensor]] = []
+        self.fisher_means: list[float] = []
+        self.fisher_seconds = 0.0
+        self.fisher_examples = 0
+
+    # -- training ---------------------------------------------------------------------
+    def penalty(self, model: nn.Module, batch: Batch) -> Optional[torch.Tensor]:
+        if not self.fishers or self.config.ewc_lambda == 0:
+            return None
+        params = dict(self.ctx.unwrapped_model.named_parameters())
+        total = None
+        for fisher, anchor in zip(self.fishers, self.anchors):
+            for name, f in fisher.items():
+                p = params[name]
+                if not p.requires_grad:
+                    continue
+                term = (f * (p.float() - anchor[name]).pow(2)).sum()
+                total = term if total is None else total + term
+        if total is None:
+            return None
+        return 0.5 * self.config.ewc_lambda * total
+
+    def after_task(self, t: int, task: Task) -> None:
+        if t == len(self.ctx.stream) - 1:
+            return  # nothing is trained after the last task: its Fisher would never be used
+        started = time.perf_counter()
+        fisher = self.fisher_diagonal(t, task.train)
+        self.fisher_means.append(mean_of(fisher))  # before normalising: tells the scale lambda meets
+        if self.config.normalize_fisher:
+            fisher = normalized_by_mean(fisher)
+        model = self.ctx.unwrapped_model
+        anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in fisher}
+        if self.config.mode == "separate" or not self.fishers:
+            self.fishers.append(fisher)
+            self.anchors.append(anchor)
+        else:
+            gamma = self.config.gamma
+            self.fishers[0] = {n: gamma * self.fishers[0][n] + f if n in self.fishers[0] else f
+                               for n, f in fisher.items()}
+            self.anchors[0] = anchor
+        self.fisher_seconds += time.perf_counter() - started
+
+    # -- the Fisher pass --------------------------------------------------------------
+    def fisher_examples_for(self, t: int, examples: list[Example]) -> list[Example]:
+        """Up to fisher_samples examples: all when the set is small enough, otherwise a
+        sample seeded by (seed, t), kept in dataset order."""
+        k = self.config.fisher_samples
+        if len(examples) <= k:
+            return list(examples)
+        rng = random.Random(f"{self.ctx.seed}:ewc-fisher:{t}")
+        return [examples[i] for i in sorted(rng.sample(range(len(examples)), k))]
+
+    def fisher_diagonal(self, t: int, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher of task t (fp32, one tensor per trainable parameter)."""
+        ctx, cfg = self.ctx, self.config
+        acc = ctx.accelerator
+        # The unwrapped model: its backward passes do not trigger DDP's gradient sync; every
+        # process takes its slice of the examples and the sums are added up afterwards.
+        model = ctx.unwrapped_model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+        chosen = self.fisher_examples_for(t, examples)
+        local = chosen[acc.process_index::acc.num_processes]
+        size = 1 if cfg.granularity == "sample" else cfg.fisher_batch_size
+        generator = None
+        was_training = model.training
+        model.eval()
+        count = 0
+        try:
+            self._zero_grads(named)
+            for start in range(0, len(local), size):
+                batch = ctx.collate(local[start:start + size])
+                if cfg.fisher == "sampled":
+                    if generator is None:
+                        device = next(iter(batch.values())).device
+                        generator = torch.Generator(device=device)
+                        generator.manual_seed(hash_seed(ctx.seed, t, acc.process_index))
+                    batch = sample_labels(model, batch, ctx.model_kind, generator)
+                with acc.autocast():
+                    loss = ctx.loss_fn(model, batch)
+                loss.backward()
+                with torch.no_grad():
+                    for n, p in named:
+                        if p.grad is not None:
+                            fisher[n].add_(p.grad.float().pow(2))
+                self._zero_grads(named)
+                count += 1
+        finally:
+            model.train(was_training)
+            self._zero_grads(named)
+        if acc.num_processes > 1:
+            fisher = {n: acc.reduce(f, reduction="sum") for n, f in fisher.items()}
+            count = int(acc.reduce(torch.tensor(float(count), device=acc.device), reduction="sum").item())
+        self.fisher_examples += len(chosen)
+        return {n: f / max(1, count) for n, f in fisher.items()}
+
+    @staticmethod
+    def _zero_grads(named: list[tuple[str, nn.Parameter]]) -> None:
+        for _, p in named:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"fishers": self.fishers, "anchors": self.anchors, "fisher_means": list(self.fisher_means),
+                "fisher_seconds": self.fisher_seconds, "fisher_examples": self.fisher_examples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        devices = {n: p.device for n, p in self.ctx.unwrapped_model.named_parameters()}
+
+        def placed(pairs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+            return [{n: v.to(devices[n], torch.float32) for n, v in d.items()} for d in pairs]
+
+        self.fishers = placed(state.get("fishers", []))
+        self.anchors = placed(state.get("anchors", []))
+        self.fisher_means = list(state.get("fisher_means", []))
+        self.fisher_seconds = float(state.get("fisher_seconds", 0.0))
+        self.fisher_examples = int(state.get("fisher_examples", 0))
+
+    def extra_state_bytes(self) -> int:
+        return tensor_bytes(self.fishers) + tensor_bytes(self.anchors)
+
+    def report(self) -> dict[str, Any]:
+        return {"mode": self.config.mode, "fisher": self.config.fisher, "granularity": self.config.granularity,
+                "ewc_lambda": self.config.ewc_lambda, "normalize_fisher": self.config.normalize_fisher,
+                "fisher_mean_per_task": list(self.fisher_means), "fisher_examples": self.fisher_examples,
+                "fisher_seconds": round(self.fisher_seconds, 3)}
+
+
+def hash_seed(seed: int, t: int, rank: int) -> int:
+    """A 63-bit generator seed from (run seed, task, process)."""
+    return random.Random(f"{seed}:ewc-sample:{t}:{rank}").getrandbits(63)
+
+
+def mean_of(fisher: dict[str, torch.Tensor]) -> float:
+    total = sum(float(f.sum()) for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    return total / count if count else 0.0
+
+
+def normalized_by_mean(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """F / mean(F) over every entry of every tensor (left as is when the mean is 0)."""
+    mean = mean_of(fisher)
+    return {n: f / mean for n, f in fisher.items()} if mean > 0 else fisher

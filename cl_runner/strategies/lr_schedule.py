@@ -1,0 +1,234 @@
+"""LR re-warming and re-decaying across tasks (add-on `lr_schedule`).
+
+Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train Large
+Language Models": at every new task the learning rate is warmed up again and decayed again
+(`rewarm_cosine`), or, with the "infinite" schedule, warmed up and cooled down once and
+then held constant across tasks, with a short annealing phase before each evaluation
+(their Section 7). `constant` is the flat rate of TRACE's full fine-tuning scripts.
+
+The curves below are pure functions of the step: they return the multiplier of the
+trainer's peak rate eta_max (`trainer.lr`), which the loop hands to a LambdaLR.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from cl_runner.strategies.base import Strategy, StrategyContext
+from cl_runner.strategies.registry import ADDON, register
+from cl_runner.streams.task import Example
+
+SCHEDULES = ("rewarm_cosine", "constant", "infinite")
+COOLDOWNS = ("cosine", "inv_sqrt")
+RESUME_FROM = ("trained", "annealed")
+# Key a base strategy sets in ctx.extras when it replaces AdamW's update rule (classp).
+OWNS_UPDATE_RULE = "owns_update_rule"
+SCHEDULE_ADDON = "lr_schedule_addon"
+
+
+@dataclass
+class LRScheduleConfig:
+    enabled: bool = False
+    # rewarm_cosine | constant | infinite
+    name: str = "rewarm_cosine"
+    # Linear warmup over this fraction of a task's steps (rewarm_cosine: every task;
+    # infinite: the first task only).
+    warmup_frac: float = 0.01
+    # eta_min / eta_max: the end of each cosine (rewarm_cosine) and of each anneal (infinite).
+    min_ratio: float = 0.1
+    # infinite: eta_const / eta_max, the rate held after the first task's cooldown.
+    const_ratio: float = 0.5
+    # infinite: cooldown shape from eta_max to eta_const: cosine | inv_sqrt
+    cooldown: str = "cosine"
+    # infinite: the cooldown ends at this fraction of the first task's steps.
+    cooldown_frac: float = 0.5
+    # infinite, inv_sqrt: steepness a of h(x) = 1/sqrt(1 + a x) - 1.
+    inv_sqrt_timescale: float = 10.0
+    # infinite: optimizer steps of the exponential anneal to eta_min before each evaluation.
+    anneal_steps: int = 50
+    # infinite: after evaluating, continue from the trained weights (annealed copy thrown
+    # away) or from the annealed weights.
+    resume_from: str = "trained"
+    # infinite: keep the trained weights in host memory while the annealed copy is evaluated.
+    backup_on_cpu: bool = False
+
+
+# ---------------------------------------------------------------------------- curves
+def warmup_steps(num_steps: int, warmup_frac: float) -> int:
+    return int(round(warmup_frac * num_steps))
+
+
+def rewarm_cosine(step: int, num_steps: int, warmup_frac: float, min_ratio: float) -> float:
+    """Linear warmup to 1 over the first W = round(warmup_frac * num_steps) steps (step W-1
+    reaches 1), then cosine from 1 at step W to min_ratio at the last step."""
+    w = warmup_steps(num_steps, warmup_frac)
+    if step < w:
+        return (step + 1) / w
+    span = max(1, num_steps - 1 - w)
+    progress = min(1.0, max(0.0, (step - w) / span))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def infinite_first_task(step: int, num_steps: int, warmup_frac: float, cooldown_frac: float,
+                        const_ratio: float, cooldown: str = "cosine", timescale: float = 10.0) -> float:
+    """The infinite schedule inside the first task: warmup to 1, cooldown to const_ratio at
+    step C = round(cooldown_frac * num_steps), then const_ratio."""
+    w = warmup_steps(num_steps, warmup_frac)
+    c = max(w, int(round(cooldown_frac * num_steps)))
+    if step < w:
+        return (step + 1) / w
+    if step >= c:
+        return const_ratio
+    x = (step - w) / max(1, c - w)  # 0 at the end of warmup, -> 1 at the end of cooldown
+    if cooldown == "cosine":
+        return const_ratio + (1.0 - const_ratio) * 0.5 * (1.0 + math.cos(math.pi * x))
+    # Inverse square root cooldown, normalised so that it starts at 1 and ends at const_ratio.
+    h = lambda v: 1.0 / math.sqrt(1.0 + timescale * v) - 1.0  # noqa: E731
+    return 1.0 + (const_ratio - 1.0) * h(x) / h(1.0)
+
+
+def anneal_multiplier(step: int, anneal_steps: int, const_ratio: float, min_ratio: float) -> float:
+    """Exponential decay from const_ratio to min_ratio: step s of A uses
+    const * (min / const) ** ((s + 1) / A), so the last anneal step runs at min_ratio."""
+    return const_ratio * (min_ratio / const_ratio) ** ((step + 1) / anneal_steps)
+
+
+# ---------------------------------------------------------------------------- add-on
+@register("lr_schedule", config=LRScheduleConfig, kind=ADDON)
+class LRSchedule(Strategy):
+    def __init__(self, config: LRScheduleConfig) -> None:
+        super().__init__(config)
+        for key, allowed in (("name", SCHEDULES), ("cooldown", COOLDOWNS), ("resume_from", RESUME_FROM)):
+            value = getattr(config, key)
+            if value not in allowed:
+                raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; choose one of: {', '.join(allowed)}")
+        for key, low, high in (("warmup_frac", 0.0, 1.0), ("cooldown_frac", 0.0, 1.0)):
+            value = getattr(config, key)
+            if not low <= value <= high:
+                raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; use a value in [{low}, {high}]")
+        for key in ("min_ratio", "const_ratio"):
+            value = getattr(config, key)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; use a ratio in (0, 1] of trainer.lr")
+        if config.anneal_steps < 0:
+            raise ValueError(f"bad value for 'lr_schedule.anneal_steps': {config.anneal_steps!r}; use 0 (no anneal) or more steps")
+        if config.inv_sqrt_timescale <= 0:
+            raise ValueError(f"bad value for 'lr_schedule.inv_sqrt_timescale': {config.inv_sqrt_timescale!r}; use a value > 0")
+        self.first_task: Optional[int] = None  # infinite: the task that warms up and cools down
+        self.anneal_steps_done = 0
+        self.anneal_examples = 0
+        self.anneal_seconds = 0.0
+
+    def setup(self, ctx: StrategyContext) -> None:
+        super().setup(ctx)
+        owner = ctx.extras.get(OWNS_UPDATE_RULE)
+        if owner is not None:
+            raise ValueError(
+                f"lr_schedule.enabled=true cannot be combined with strategy={owner}: {owner} replaces AdamW with its "
+                f"own update rule, whose step size is not an AdamW learning rate; the warmup/cosine/anneal curves "
+                f"of lr_schedule are meant for AdamW. Set lr_schedule.enabled=false or pick another strategy.")
+        ctx.extras[SCHEDULE_ADDON] = True
+
+    # -- the per-task curve ------------------------------------------------------------
+    def lr_lambda(self, t: int, num_steps: int) -> Optional[Callable[[int], float]]:
+        cfg = self.config
+        if cfg.name == "constant":
+            return lambda step: 1.0
+        if cfg.name == "rewarm_cosine":
+            def factor(step: int) -> float:
+                return rewarm_cosine(step, num_steps, cfg.warmup_frac, cfg.min_ratio)
+            return factor
+        # infinite: warmup + cooldown in the first task that trains, constant afterwards.
+        if self.first_task is None and num_steps > 0:
+            self.first_task = t
+        if self.first_task == t:
+            def first(step: int) -> float:
+                return infinite_first_task(step, num_steps, cfg.warmup_frac, cfg.cooldown_frac, cfg.const_ratio,
+                                           cfg.cooldown, cfg.inv_sqrt_timescale)
+            return first
+        const = cfg.const_ratio
+        return lambda step: const
+
+    # -- infinite: anneal a copy before evaluation ----------------------------------------
+    @contextlib.contextmanager
+    def evaluation_weights(self, t: int):
+        cfg = self.config
+        if cfg.name != "infinite" or cfg.anneal_steps == 0 or not self.ctx.stream[t].train:
+            yield
+            return
+        if self.ctx.train_steps is None:
+            raise RuntimeError("lr_schedule.name=infinite needs the loop's train_steps to anneal before evaluation")
+        model = self.ctx.unwrapped_model
+        keep = cfg.resume_from == "trained"
+        backup = {}
+        if keep:
+            device = "cpu" if cfg.backup_on_cpu else None
+            backup = {n: p.detach().to(device=device or p.device, copy=True) for n, p in model.named_parameters()}
+        was_training = model.training
+        try:
+            self._anneal(t, model)
+            model.train(was_training)
+            yield
+        finally:
+            if keep:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        p.copy_(backup[name])
+            model.train(was_training)
+
+    def anneal_batches(self, t: int) -> list[list[Example]]:
+        """anneal_steps batches of trainer.batch_size examples of task t's training data,
+        reshuffled each pass with a seed fixed by (seed, t). Every process uses the same
+        batches, so the annealed copies agree across processes."""
+        examples = self.ctx.stream[t].train
+        size = int(self.ctx.trainer.batch_size)
+        rng = random.Random(f"{self.ctx.seed}:lr_schedule-anneal:{t}")
+        order: list[int] = []
+        batches = []
+        for _ in range(self.config.anneal_steps):
+            batch = []
+            while len(batch) < size:
+                if not order:
+                    order = list(range(len(examples)))
+                    rng.shuffle(order)
+                batch.append(examples[order.pop()])
+            batches.append(batch)
+        return batches
+
+    def _anneal(self, t: int, model: torch.nn.Module) -> None:
+        cfg = self.config
+        peak = float(self.ctx.trainer.lr)
+        started = time.perf_counter()
+        batches = self.anneal_batches(t)
+
+        def lr_at(step: int) -> float:
+            return peak * anneal_multiplier(step, cfg.anneal_steps, cfg.const_ratio, cfg.min_ratio)
+
+        self.ctx.train_steps(model, batches, lr_at)
+        self.anneal_steps_done += len(batches)
+        self.anneal_examples += sum(len(b) for b in batches)
+        self.anneal_seconds += time.perf_counter() - started
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_task": self.first_task, "anneal_steps_done": self.anneal_steps_done,
+                "anneal_examples": self.anneal_examples, "anneal_seconds": self.anneal_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first_task = state.get("first_task")
+        self.anneal_steps_done = int(state.get("anneal_steps_done", 0))
+        self.anneal_examples = int(state.get("anneal_examples", 0))
+        self.anneal_seconds = float(state.get("anneal_seconds", 0.0))
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.config.name}
+        if self.config.name == "infinite":
+            out.update(anneal_steps=self.anneal_steps_done, anneal_examples=self.anneal_examples,
+                       anneal_seconds=round(self.anneal_seconds, 3), first_task=self.first_task)
+        return out
