@@ -44,6 +44,33 @@ void apply_right_(at::Tensor& work, const at::Tensor& right, bool complement) {
   }
 }
 
+// (I - U U^T) work (I - V V^T). A side stored as a complement is contracted first (work
+// V_c is only m x (n - k)) and the other side projected on that small product.
+void project_two_sided_(at::Tensor& work, const std::optional<at::Tensor>& left,
+                        const std::optional<at::Tensor>& right, bool left_complement,
+                        bool right_complement) {
+  bool right_first = right && right_complement;
+  bool left_first = left && left_complement;
+  if (right_first && left_first) {  // both complements: contract the cheaper side first
+    const int64_t m = work.size(1), n = work.size(2);
+    const int64_t kl = left->size(2), kr = right->size(2);
+    right_first = m * n * kr + m * kl * kr <= m * n * kl + n * kl * kr;
+    left_first = !right_first;
+  }
+  if (right_first) {
+    at::Tensor t = at::bmm(work, *right);  // (B, m, k_c)
+    if (left) apply_left_(t, *left, left_complement);
+    at::bmm_out(work, t, right->transpose(1, 2));
+  } else if (left_first) {
+    at::Tensor t = at::bmm(left->transpose(1, 2), work);  // (B, k_c, n)
+    if (right) apply_right_(t, *right, right_complement);
+    at::bmm_out(work, *left, t);
+  } else {
+    if (left) apply_left_(work, *left, false);
+    if (right) apply_right_(work, *right, false);
+  }
+}
+
 // U U^T x; with the complement, x - U_c U_c^T x.
 at::Tensor left_preserved(const at::Tensor& x, const at::Tensor& left, bool complement) {
   at::Tensor t = at::bmm(left, at::bmm(left.transpose(1, 2), x));
@@ -106,8 +133,7 @@ void project_stacked_aten_(at::Tensor grads, const std::optional<at::Tensor>& le
   if (left) l = left->to(dtype);
   if (right) r = right->to(dtype);
   if (mode == "two_sided") {
-    if (l) apply_left_(work, *l, left_complement);
-    if (r) apply_right_(work, *r, right_complement);
+    project_two_sided_(work, l, r, left_complement, right_complement);
   } else {
     project_high_block_(work, l, r, left_complement, right_complement);
   }

@@ -15,8 +15,9 @@ Methods, per preset and k:
 - matmul:          torch.mm of a square matrix with the same flops as groups (capped at
                    4096^3): the machine's GEMM rate for comparison
 
-GFLOP/s are on the flops each method executes (4 m n k per side, k -> dim - k through the
-complement). "vs loop" is the median over rounds of loop_time / method_time.
+GFLOP/s are on the flops each method executes (8 m n k for the direct two-sided form;
+through a complement, 4 m n (dim - k) plus a small projection of the contracted product:
+cl_runner.ops.reference.projection_flops). "vs loop" is the median over rounds of loop_time / method_time.
 Writes results/bench/projection_<device>.txt and .json.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cl_runner import ops  # noqa: E402
+from cl_runner.ops import reference  # noqa: E402
 
 PRESETS = {
     # BERT MiniLM-L6 (hidden 384, 6 layers): q, k, v, o; intermediate; output
@@ -41,12 +43,15 @@ PRESETS = {
     "tiny_llama": [((64, 64), 8), ((172, 64), 4), ((64, 172), 2)],
     # LLaMA-2-7B, 32 layers: q, k, v, o; gate, up; down (224 matrices)
     "llama7b": [((4096, 4096), 128), ((11008, 4096), 64), ((4096, 11008), 32)],
+    # The square (attention) matrices alone: where the complement applies on both sides.
+    "minilm_attn": [((384, 384), 24)],
+    "llama7b_attn": [((4096, 4096), 128)],
 }
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="tiny_llama,minilm,llama7b",
+    p.add_argument("--shapes", default="tiny_llama,minilm,minilm_attn,llama7b,llama7b_attn",
                    help="comma-separated presets: " + ",".join(PRESETS))
     p.add_argument("--fracs", default="0.25,0.5,0.75", help="preserved k / min(m, n)")
     p.add_argument("--mode", default="two_sided", choices=ops.MODES)
@@ -55,10 +60,25 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; 3 quick)")
     p.add_argument("--llama-count", type=int, default=None,
                    help="matrices per 7B shape (default: all on GPU, 1 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--name", default=None,
+                   help="output file stem (default projection_<device>)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results",
                                                  "bench"))
     return p.parse_args()
+
+
+def header(script, device, rounds, extra=""):
+    """First lines of every report: machine, load, threads, versions, command."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return [
+        f"# {script}  device={device} ({platform.machine()}, {os.cpu_count()} cpus, load "
+        f"{load:.1f})  threads={torch.get_num_threads()}  torch {torch.__version__}  "
+        f"rounds={rounds}{extra}",
+        f"# backends here: {ops.available_backends(device)}; {ops.extension_status()}",
+        f"# command: python {' '.join(sys.argv)}",
+    ]
 
 
 def sync(device):
@@ -66,20 +86,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def side_flops(m, n, k, dim, complement):
-    return 4 * m * n * ((dim - k) if complement else k)
-
-
 def executed_flops(layout, mode, complement_ok):
-    """Flops of the stacked projection for [((m, n), count, k)]."""
+    """Flops of the projection for [((m, n), count, k)]: with complement_ok as
+    ProjectionGroups runs it (complement on sides with k > dim/2), else the direct form."""
     total = 0
     for (m, n), count, k in layout:
         lc = complement_ok and 2 * k > m
         rc = complement_ok and 2 * k > n
-        if mode == "two_sided":
-            total += count * (side_flops(m, n, k, m, lc) + side_flops(m, n, k, n, rc))
-        else:
-            total += count * (4 * m * n * k + 2 * k * k * (m + n))
+        total += count * reference.projection_flops(
+            m, n, m - k if lc else k, n - k if rc else k, lc, rc, mode)
     return total
 
 
@@ -101,21 +116,26 @@ def timed(fn, device, inner):
     return (time.perf_counter() - start) / inner
 
 
-def bench_case(preset, layout, mode, device, dtype, rounds, backends):
-    """layout: [((m, n), count, k)]; returns {method: {...}}."""
+def bench_case(preset, layout, mode, device, dtype, rounds, backends, heavy=False):
+    """layout: [((m, n), count, k)]; returns {method: {...}}. `heavy` (seconds per call):
+    no warm-up call, no list:* methods, and only the preferred backend."""
     gen = torch.Generator().manual_seed(0)
     named, grads, lefts, rights, bases = [], [], [], [], {}
     for (m, n), count, k in layout:
-        # One random orthogonal Q per side and shape: U = Q[:, :k], U_c = Q[:, k:].
-        qm, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
-        qn, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
-        u = qm[:, :k].to(device, dtype)
-        v = qn[:, :k].to(device, dtype)
+        # One random orthonormal basis per side and shape (timing does not depend on
+        # which), with its complement where the groups will use it (k > dim/2).
+        side_bases = []
+        for dim in (m, n):
+            q, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64))
+            comp = ops.orthonormal_complement(q) if 2 * k > dim else None
+            side_bases += [q.to(device, dtype),
+                           None if comp is None else comp.to(device, dtype)]
+        u, u_c, v, v_c = side_bases
         for i in range(count):
             name = f"{m}x{n}.{i}"
             p = torch.nn.Parameter(torch.zeros(m, n, device=device, dtype=dtype))
             named.append((name, p))
-            bases[name] = (u, v, qm[:, k:].to(device, dtype), qn[:, k:].to(device, dtype))
+            bases[name] = (u, v, u_c, v_c)
             grads.append(torch.randn(m, n, generator=gen).to(device, dtype))
             lefts.append(u)
             rights.append(v)
@@ -123,7 +143,9 @@ def bench_case(preset, layout, mode, device, dtype, rounds, backends):
         p.grad = None
 
     methods = {"loop": lambda: naive_loop(grads, lefts, rights, mode)}
-    for b in backends:
+    if heavy:
+        backends = backends[:1]
+    for b in ([] if heavy else backends):
         methods[f"list:{b}"] = (lambda b=b: ops.project_(grads, lefts, rights, mode,
                                                           backend=b))
     groups_all = {}
@@ -155,7 +177,7 @@ def bench_case(preset, layout, mode, device, dtype, rounds, backends):
     # Calibrate: one warm-up call each, then enough inner calls for ~20 ms per sample.
     inner = {}
     for name, fn in methods.items():
-        t = timed(fn, device, 1)
+        t = 1.0 if heavy else timed(fn, device, 1)
         inner[name] = max(1, min(200, int(0.02 / max(t, 1e-7))))
     samples = {name: [] for name in methods}
     for _ in range(rounds):
@@ -176,6 +198,8 @@ def bench_case(preset, layout, mode, device, dtype, rounds, backends):
 
 def main():
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     rounds = args.rounds or (3 if args.quick else 7)
@@ -189,24 +213,23 @@ def main():
         print(text, flush=True)
         lines.append(text)
 
-    say(f"# bench_projection  device={device} ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)  torch {torch.__version__}  mode={args.mode}  "
-        f"dtype={args.dtype}  rounds={rounds}")
-    say(f"# backends here: {backends}; {ops.extension_status()}")
-    say(f"# command: {' '.join(sys.argv)}")
+    for line in header("bench_projection", device, rounds,
+                       f"  mode={args.mode}  dtype={args.dtype}"):
+        say(line)
     results = {"device": str(device), "torch": torch.__version__, "mode": args.mode,
                "dtype": args.dtype, "threads": torch.get_num_threads(), "cases": []}
     for preset in args.shapes.split(","):
         base = PRESETS[preset]
-        if preset == "llama7b" and llama_count:
+        if preset.startswith("llama7b") and llama_count:
             base = [(shape, min(count, llama_count)) for shape, count in base]
-            say(f"\n## llama7b REDUCED to {llama_count} matrix/matrices per shape "
-                f"(full model: 128 + 64 + 32); ratios and GFLOP/s carry over, totals do not")
+            say(f"\n## {preset} REDUCED to {llama_count} matrix/matrices per shape "
+                f"(full model: 128 + 64 + 32); ratios and GFLOP/s carry over, totals do not;"
+                f" one timed round, no warm-up, list:* methods and other backends skipped")
         for frac in [float(f) for f in args.fracs.split(",")]:
             layout = [(shape, count, int(round(frac * min(shape)))) for shape, count in base]
-            heavy = executed_flops(layout, args.mode, False) > 2e11
+            heavy = device.type == "cpu" and executed_flops(layout, args.mode, False) > 5e10
             res = bench_case(preset, layout, args.mode, device, dtype,
-                             1 if heavy and device.type == "cpu" else rounds, backends)
+                             1 if heavy else rounds, backends, heavy)
             desc = ", ".join(f"{m}x{n} x{c} k={k}" for (m, n), c, k in layout)
             say(f"\n## {preset}  k={int(frac * 100)}%  [{desc}]")
             say(f"{'method':<22}{'ms':>11}{'GFLOP/s':>10}{'of matmul':>11}{'vs loop':>9}")
@@ -217,7 +240,7 @@ def main():
             results["cases"].append({"preset": preset, "frac": frac, "layout": layout,
                                      "results": res})
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"projection_{device.type}")
+    stem = os.path.join(args.out, args.name or f"projection_{device.type}")
     with open(stem + ".txt", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:

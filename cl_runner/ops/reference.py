@@ -51,6 +51,55 @@ def _apply_right_(work: Tensor, right: Tensor, complement: bool) -> None:
         work.baddbmm_(t, right.transpose(1, 2), alpha=-1.0)
 
 
+def _project_two_sided_(work: Tensor, left: Optional[Tensor], right: Optional[Tensor],
+                        left_complement: bool, right_complement: bool) -> None:
+    """work <- (I - U U^T) work (I - V V^T). A side stored as a complement is contracted
+    first (work V_c is only m x (n - k)), and the other side is projected on that small
+    product: 4 m n k_c + 4 m k_other k_c flops instead of 4 m n (k_c + k_other)."""
+    right_first = right is not None and right_complement
+    left_first = left is not None and left_complement
+    if right_first and left_first:  # both complements: contract the cheaper side first
+        m, n = work.shape[1], work.shape[2]
+        kl, kr = left.shape[2], right.shape[2]
+        right_first = m * n * kr + m * kl * kr <= m * n * kl + n * kl * kr
+        left_first = not right_first
+    if right_first:
+        t = torch.bmm(work, right)  # (B, m, k_c)
+        if left is not None:
+            _apply_left_(t, left, left_complement)
+        torch.bmm(t, right.transpose(1, 2), out=work)
+    elif left_first:
+        t = torch.bmm(left.transpose(1, 2), work)  # (B, k_c, n)
+        if right is not None:
+            _apply_right_(t, right, right_complement)
+        torch.bmm(left, t, out=work)
+    else:
+        if left is not None:
+            _apply_left_(work, left, False)
+        if right is not None:
+            _apply_right_(work, right, False)
+
+
+def projection_flops(m: int, n: int, left_width: Optional[int], right_width: Optional[int],
+                     left_complement: bool = False, right_complement: bool = False,
+                     mode: str = "two_sided") -> int:
+    """Flops this module executes for one m x n matrix (widths = stored basis columns,
+    None = no basis): what the benchmarks divide by."""
+    kl, kr = left_width, right_width
+    if mode == "high_block":
+        if kl is None or kr is None:
+            k = kl if kr is None else kr
+            return 0 if k is None else 4 * m * n * k
+        return 4 * m * n * kr + 4 * m * kl * kr  # (the complement variants cost more)
+    if right_complement and kr is not None and (
+            not (left_complement and kl is not None)
+            or m * n * kr + m * kl * kr <= m * n * kl + n * kl * kr):
+        return 4 * m * n * kr + (0 if kl is None else 4 * m * kl * kr)
+    if left_complement and kl is not None:
+        return 4 * m * n * kl + (0 if kr is None else 4 * n * kl * kr)
+    return 4 * m * n * ((kl or 0) + (kr or 0))
+
+
 def _left_preserved(x: Tensor, left: Tensor, complement: bool) -> Tensor:
     """U U^T x (a new tensor); with the complement, x - U_c U_c^T x."""
     t = torch.bmm(left, torch.bmm(left.transpose(1, 2), x))
@@ -92,10 +141,7 @@ def project_stacked_(grads: Tensor, left: Optional[Tensor], right: Optional[Tens
     left = None if left is None else left.to(dtype)
     right = None if right is None else right.to(dtype)
     if mode == "two_sided":
-        if left is not None:
-            _apply_left_(work, left, left_complement)
-        if right is not None:
-            _apply_right_(work, right, right_complement)
+        _project_two_sided_(work, left, right, left_complement, right_complement)
     else:
         _project_high_block_(work, left, right, left_complement, right_complement)
     if not inplace:

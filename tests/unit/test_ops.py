@@ -234,3 +234,15 @@ def test_opcheck_registered_ops(mode):
     torch.library.opcheck(torch.ops.cl_runner.project_list_.default,
                           (grads, [u[0], None, u[1]], [v_c[0], orthonormal(20, 2, 3), None],
                            [False, False, False], [True, False, False], mode))
+
+
+def test_projection_flops_counts_the_cheaper_contraction():
+    m = n = 400
+    assert reference.projection_flops(m, n, 100, 100) == 8 * m * n * 100
+    # k = 300 preserved on both sides: complements of width 100, contracted one at a time
+    both = reference.projection_flops(m, n, 100, 100, True, True)
+    assert both == 4 * m * n * 100 + 4 * m * 100 * 100
+    assert both < 8 * m * n * 100 < 8 * m * n * 300
+    # tall: direct left (k = 300 of 1600 rows), complement right (100 of 400 columns)
+    assert reference.projection_flops(1600, 400, 300, 100, False, True) == \
+        4 * 1600 * 400 * 100 + 4 * 1600 * 300 * 100
