@@ -18,8 +18,10 @@ Differences from the released code (oswaldoludwig/CLASSP, CLASSP.py), which
   * the power is ignored in the sum (|g| is accumulated, `** power` is discarded), while
     the root 1/p is still taken;
   * the current gradient is added before the step (sum over k <= t, AdaGrad-style),
-    where the paper sums k < t. In the paper's form a weight's first update divides by
-    eps^(1/p): a large jump.
+    where the paper sums k < t. In the paper's form a weight's first update is
+    alpha * g / eps^(1/p), a jump that diverges on LLMs; `sum_includes_current: true`
+    takes only this part of the code's rule (a first update of about alpha * sign(g))
+    and keeps the paper's per-weight threshold and power.
 A fixed threshold on g^2 does not transfer to LLM-scale gradients, so `threshold_mode:
 quantile` (our extension) updates exactly the top `update_fraction` of each tensor by |g|.
 """
@@ -54,6 +56,9 @@ class ClaSPConfig:
     threshold_mode: str = "absolute"
     # quantile: fraction of each tensor's weights updated per step.
     update_fraction: float = 0.1
+    # true: the denominator sums |g_k|^p over k <= t (current gradient included, as in the
+    # released code and AdaGrad); false: k < t (the paper), a weight's first step is alpha*g/eps^(1/p).
+    sum_includes_current: bool = False
     # true: reproduce the released code (threshold per tensor, power ignored in the sum,
     # current gradient in the sum).
     reference_code_compat: bool = False
@@ -78,9 +83,10 @@ class ClaSPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.2, threshold: float = 0.5, eps: float = 1e-5,
                  power: float = 1.0, threshold_mode: str = "absolute", update_fraction: float = 0.1,
-                 reference_code_compat: bool = False) -> None:
+                 sum_includes_current: bool = False, reference_code_compat: bool = False) -> None:
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power, threshold_mode=threshold_mode,
-                        update_fraction=update_fraction, reference_code_compat=reference_code_compat)
+                        update_fraction=update_fraction, sum_includes_current=sum_includes_current,
+                        reference_code_compat=reference_code_compat)
         super().__init__(params, defaults)
         self.last_updated: Any = 0  # weights moved by the last step (a tensor: no device sync)
         self.last_considered = 0  # weights that had a gradient in the last step
@@ -112,9 +118,13 @@ class ClaSPOptimizer(torch.optim.Optimizer):
                         updated = updated + g.numel()
                     continue
                 mask = update_mask(g, group["threshold_mode"], group["threshold"], group["update_fraction"])
-                step = torch.where(mask, g / (acc + eps).pow(root), 0.0)  # sum over k < t: before adding g_t
+                grown = torch.where(mask, g.abs().pow(group["power"]), 0.0)
+                if group["sum_includes_current"]:
+                    acc.add_(grown)
+                step = torch.where(mask, g / (acc + eps).pow(root), 0.0)
                 p.add_(step.to(p.dtype), alpha=-lr)
-                acc.add_(torch.where(mask, g.abs().pow(group["power"]), 0.0))
+                if not group["sum_includes_current"]:
+                    acc.add_(grown)  # the paper: g_t joins the sum after its own step
                 updated = updated + mask.sum()
         self.last_updated, self.last_considered = updated, considered
         return loss
@@ -167,8 +177,9 @@ class ClaSP(Strategy):
                   previous: Optional[torch.optim.Optimizer]) -> torch.optim.Optimizer:
         cfg = self.config
         opt = ClaSPOptimizer([p for _, p in named_params], lr=cfg.alpha, threshold=cfg.threshold, eps=cfg.eps,
-                             power=cfg.power, threshold_mode=cfg.threshold_mode,
-                             update_fraction=cfg.update_fraction, reference_code_compat=cfg.reference_code_compat)
+                             power=cfg.power, threshold_mode=cfg.threshold_mode, update_fraction=cfg.update_fraction,
+                             sum_includes_current=cfg.sum_includes_current,
+                             reference_code_compat=cfg.reference_code_compat)
         previous = getattr(previous, "optimizer", previous)  # unwrap an AcceleratedOptimizer
         if isinstance(previous, ClaSPOptimizer):
             # Accumulators persist across tasks: take over the state of every parameter kept.
@@ -203,7 +214,8 @@ class ClaSP(Strategy):
         acc_bytes = 0
         if self.optimizer_ is not None:
             acc_bytes = sum(s["accumulator"].numel() * 4 for s in self.optimizer_.state.values() if "accumulator" in s)
-        return {"threshold_mode": self.config.threshold_mode, "reference_code_compat": self.config.reference_code_compat,
+        return {"threshold_mode": self.config.threshold_mode, "sum_includes_current": self.config.sum_includes_current,
+                "reference_code_compat": self.config.reference_code_compat,
                 "steps": self.steps,
                 "mean_update_fraction": float(self.updated) / self.considered if self.considered else None,
                 "accumulator_bytes": acc_bytes}

@@ -164,3 +164,17 @@ def test_clipping_is_flagged():
             accelerator=Accelerator(cpu=True), model=nn.Linear(1, 1), stream=TaskStream("s", [task]),
             model_kind="classifier", model_family="test", seed=0, trainer=SimpleNamespace(max_grad_norm=1.0),
             loss_fn=lambda m, b: torch.zeros(()), collate=lambda ex: {}))
+
+
+def test_sum_includes_current_by_hand():
+    # p = 1, eps = 1, paper threshold; the current |g| joins the sum before the step.
+    # step 1: acc = [1, 0, 2]   -> w = -0.1 * [1/2, 0, -2/3]
+    # step 2: acc = [2, 1, 2]   -> w -= 0.1 * [1/3, 1/2, 0]
+    # step 3: acc = [4, 1, 3]   -> w -= 0.1 * [-2/5, 0, 1/4]
+    w, opt = run(GRADS, lr=0.1, threshold=0.25, eps=1.0, sum_includes_current=True)
+    assert w.detach().tolist() == pytest.approx([-0.1 * (1 / 2 + 1 / 3 - 2 / 5), -0.05, -0.1 * (-2 / 3 + 1 / 4)])
+    assert acc(opt, w) == pytest.approx([4.0, 1.0, 3.0])  # same accumulator as the paper's rule
+    # The paper's first step with eps = 1e-5 is alpha * g / eps; this one stays near alpha.
+    first, _ = run([[2.0]], lr=0.1, threshold=0.25, eps=1e-5, sum_includes_current=True)
+    paper, _ = run([[2.0]], lr=0.1, threshold=0.25, eps=1e-5)
+    assert float(first.detach()) == pytest.approx(-0.1, rel=1e-4) and float(paper.detach()) == pytest.approx(-2e4)
