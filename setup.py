@@ -17,8 +17,6 @@ import sys
 
 from setuptools import setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def _note(message: str) -> None:
     print(f"cl_runner setup: {message}", file=sys.stderr)
@@ -36,13 +34,11 @@ def _extension_setup() -> dict:
               "first and use `pip install --no-build-isolation -e .` to build it)")
         return {}
 
-    csrc = os.path.join("csrc")
-    sources = [os.path.join(csrc, "projection.cpp")]
+    sources = ["csrc/projection.cpp"]
     cxx_flags = ["-O2"]  # the C++ standard is torch's choice (its headers need it)
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
-        sources += [os.path.join(csrc, "projection_cuda.cpp"),
-                    os.path.join(csrc, "projection_kernels.cu")]
+        sources += ["csrc/projection_cuda.cpp", "csrc/projection_kernels.cu"]
         extension = cpp_extension.CUDAExtension(
             "cl_runner.ops._C", sources,
             define_macros=[("CL_RUNNER_WITH_CUDA", "1")],
