@@ -143,9 +143,12 @@ def main():
                                                              opt.residual_fro))
                       if opt else float("nan"))
             sub = max(stats.spectral_suboptimality)
+            note = "" if all(stats.randomized) else (
+                "  (exact fallback: k + oversample > r/2)" if not any(stats.randomized)
+                else "  (partly exact fallback)")
             ratio = f"{t_loop / t_rand:9.2f}x" if t_loop else f"{'-':>10}"
             say(f"{'k=' + str(int(frac * 100)) + '%':<34}{t_rand * 1e3:>11.1f}{ratio}"
-                f"{resid:>10.2e}{vs_opt:>9.3f}{sub:>10.3f}")
+                f"{resid:>10.2e}{vs_opt:>9.3f}{sub:>10.3f}{note}")
             case["rows"].append({"method": "randomized", "frac": frac, "ms": t_rand * 1e3,
                                  "vs_loop": (t_loop / t_rand) if t_loop else None,
                                  "residual_fro_max": resid, "vs_optimal_max": vs_opt,

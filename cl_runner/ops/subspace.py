@@ -33,6 +33,8 @@ class SubspaceStats:
     # upper bound (s_{k+1} estimated from the sketch, which underestimates it).
     spectral_suboptimality: list[float] = field(default_factory=list)
     method: str = "exact"
+    # Per matrix: whether the randomized method ran (it falls back to exact for large k).
+    randomized: list[bool] = field(default_factory=list)
 
 
 def orthonormal_complement(basis: Tensor) -> Tensor:
@@ -96,8 +98,9 @@ def top_k_bases(weights: Sequence[Tensor], ks: Sequence[int], method: str = "exa
     """Top-k singular directions of each weight: a list of (U (m x k), V (n x k)).
 
     method: "exact" (batched torch.linalg.svd) or "randomized" (range finder with
-    `oversample` extra columns and `power_iters` power iterations; for k close to
-    min(m, n) it falls back to exact).
+    `oversample` extra columns and `power_iters` power iterations; where
+    k + oversample > min(m, n) / 2 it is slower than exact and falls back to exact:
+    `SubspaceStats.randomized` says which ran).
     keep_complement: True -> 4-tuples (U, V, U_c, V_c) with the orthonormal complements
     (m x (m-k), n x (n-k)); "auto" -> complements only for sides where k > dim/2 (where
     projecting through the complement is cheaper), None elsewhere.
@@ -122,7 +125,8 @@ def top_k_bases(weights: Sequence[Tensor], ks: Sequence[int], method: str = "exa
     results: list = [None] * len(weights)
     stats = SubspaceStats(residual_fro=[0.0] * len(weights),
                           residual_spectral=[0.0] * len(weights),
-                          spectral_suboptimality=[1.0] * len(weights), method=method)
+                          spectral_suboptimality=[1.0] * len(weights), method=method,
+                          randomized=[False] * len(weights))
 
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
@@ -136,7 +140,9 @@ def top_k_bases(weights: Sequence[Tensor], ks: Sequence[int], method: str = "exa
             dtype = torch.float64 if weights[members[0]].dtype == torch.float64 \
                 else torch.float32
             w = torch.stack([weights[i].detach().to(dtype) for i in members])
-            randomized = method == "randomized" and k_max + oversample < r
+            # The sketch only pays off while it is small: with k + oversample > r/2 the
+            # QRs and power iterations cost more than an exact SVD (measured on CPU).
+            randomized = method == "randomized" and 2 * (k_max + oversample) <= r
             if randomized:
                 u, s, v = _randomized(w, k_max, oversample, power_iters, generator)
             else:
@@ -153,6 +159,8 @@ def top_k_bases(weights: Sequence[Tensor], ks: Sequence[int], method: str = "exa
                         entry.append(orthonormal_complement(basis).to(out)
                                      if wanted else None)
                 results[i] = tuple(entry)
+            for i in members:
+                stats.randomized[i] = randomized
             if return_stats:
                 _fill_stats(stats, w, u, s, members, ks, randomized, w_norm_f)
     return (results, stats) if return_stats else results

@@ -54,7 +54,7 @@ def test_randomized_error_small_on_low_rank_plus_noise(shape):
     exact, exact_stats = ops.top_k_bases(weights, [8] * 3, return_stats=True)
     approx, stats = ops.top_k_bases(weights, [8] * 3, method="randomized", oversample=8,
                                     power_iters=2, return_stats=True)
-    assert stats.method == "randomized"
+    assert stats.method == "randomized" and all(stats.randomized)
     for (u, v), (ue, ve), fro, fro_exact, sub in zip(
             approx, exact, stats.residual_fro, exact_stats.residual_fro,
             stats.spectral_suboptimality):
@@ -68,8 +68,9 @@ def test_randomized_error_small_on_low_rank_plus_noise(shape):
 
 def test_randomized_falls_back_to_exact_when_k_is_large():
     w = torch.randn(30, 20)
-    (u, v), = ops.top_k_bases([w], [18], method="randomized")
+    ((u, v),), stats = ops.top_k_bases([w], [18], method="randomized", return_stats=True)
     (ue, _), = ops.top_k_bases([w], [18])
+    assert stats.randomized == [False]
     assert torch.allclose(u @ u.T, ue @ ue.T, atol=1e-4)
 
 
