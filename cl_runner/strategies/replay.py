@@ -186,7 +186,7 @@ class Replay(Strategy):
 
     def compose_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
         pools = self.pools(t)
-        if not pools:
+        if not pools or (self.config.mode == "separate_pass" and t not in self.pass_split):
             self.replayed[t] = 0
             return batches
         rng = random.Random(f"{self.ctx.seed}:replay:{t}")
