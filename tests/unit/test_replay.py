@@ -187,3 +187,15 @@ def test_rewarm_replay_preset_turns_both_addons_on():
     assert cfg.lr_schedule.enabled and cfg.lr_schedule.name == "rewarm_cosine"
     assert cfg.replay.enabled and cfg.replay.ratio == 0.05
     assert compose(["strategy=rewarm_replay", "replay.ratio=0.25"]).replay.ratio == 0.25
+
+
+def test_separate_pass_with_trace_general_data_from_the_first_task():
+    # TRACE replays its general instruction data (Lima) after every task, the first included.
+    s = make(mode="separate_pass", per_task=None, share=0.1, selection="first", batch_size=2,
+             extra_data_dir=str(REPO / "tests" / "fixtures" / "trace_mini"))
+    extra = s.extra_examples()
+    assert extra and all(e.task == "Lima" for e in extra)
+    steps = s.num_train_steps(0, 3)
+    assert steps == 3 + -(-len(extra) // 2)
+    out = list(s.compose_batches(0, iter(new_batches(steps, 2))))
+    assert {e.task for b in out[3:] for e in b} == {"Lima"}
