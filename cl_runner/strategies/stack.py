@@ -1,6 +1,6 @@
 """Run one base strategy and any number of add-ons as a single strategy.
 
-Hooks are called on every member in order (base first). Hooks that return a choice
+Hooks are called on every member in order (base first; `after_task` in reverse). Hooks that return a choice
 (`optimizer`, `lr_lambda`) accept at most one member that makes it; two is a config error.
 """
 from __future__ import annotations
@@ -38,7 +38,9 @@ class StrategyStack(Strategy):
             m.before_task(t, task)
 
     def after_task(self, t: int, task: Task) -> None:
-        for m in self.members:
+        # Reverse order, like nested contexts: add-ons that change the weights (LiNeS)
+        # finish first, so the base strategy (EWC's anchor, SVD) sees the final weights.
+        for m in reversed(self.members):
             m.after_task(t, task)
 
     def train_examples(self, t: int, task: Task, examples: list[Example]) -> list[Example]:

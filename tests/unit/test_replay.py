@@ -171,16 +171,6 @@ def test_extra_data_needs_a_generative_model():
         s.setup(ctx)
 
 
-def _addons_before_strategy() -> bool:
-    lines = (REPO / "configs" / "config.yaml").read_text().splitlines()
-    replay = next(i for i, line in enumerate(lines) if "@replay" in line)
-    strategy = next(i for i, line in enumerate(lines) if line.strip().startswith("- strategy:"))
-    return replay < strategy
-
-
-@pytest.mark.xfail(not _addons_before_strategy(), strict=False,
-                   reason="configs/config.yaml lists the add-ons after `strategy`, so their defaults override "
-                          "the rewarm_replay preset; list them before `strategy`")
 def test_rewarm_replay_preset_turns_both_addons_on():
     cfg = compose(["strategy=rewarm_replay"])
     assert cfg.strategy.name == "seq_ft" and cfg.strategy.carry_optimizer is False
