@@ -30,4 +30,4 @@ bench: install
 	$(PY) scripts/bench_subspace.py
 
 clean:
-	rm -rf build *.egg-info cl_runner/*.so
+	rm -rf build *.egg-info cl_runner/ops/_C*.so
