@@ -88,14 +88,13 @@ class ContinualLoop:
         self.strategy.setup(StrategyContext(
             accelerator=self.accelerator, model=self.model, stream=self.stream,
             model_kind=self.bundle.kind, model_family=self.bundle.family, seed=cfg.seed,
-            trainer=self.trainer, loss_fn=compute_loss, collate=self._collate_local,
+            trainer=self.trainer, loss_fn=compute_loss, collate=self.collate,
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
             train_steps=self.train_steps))
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)
         self.progress = Progress(R=[[None] * T for _ in range(T + 1)])
-        self.row0_done = False
 
     # ------------------------------------------------------------------ public
     @property
@@ -255,15 +254,12 @@ class ContinualLoop:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with self.accelerator.autocast():
-                loss = compute_loss(model, self._collate_local(examples))
+                loss = compute_loss(model, self.collate(examples))
             loss.backward()
             if tr.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-
-    def _collate_local(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        return self.collate(examples)
 
     # ------------------------------------------------------------------ evaluation
     def _row_filled(self, i: int) -> bool:
