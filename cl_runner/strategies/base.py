@@ -137,3 +137,10 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
+
+
+def plain_config(node: Any) -> Any:
+    """An OmegaConf node as plain dicts/lists (for options that are free-form mappings)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from cl_runner.strategies.base import Strategy
+from cl_runner.strategies.base import Strategy, plain_config
 from cl_runner.strategies.model_parts import block_stacks
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
@@ -107,17 +107,6 @@ class _Mask:
     index: Optional[torch.Tensor] = None  # rows: LongTensor; elements: BoolTensor
     dim: int = 0
     saved: Optional[torch.Tensor] = None  # frozen values to restore after each step
-
-
-def _plain(node: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(node):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return node
 
 
 def _round_half_up(x: float) -> int:
@@ -237,7 +226,7 @@ class HalfFineTuning(Strategy):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         self.units = block_units(ctx.unwrapped_model, ctx.model_family,
-                                 _plain(self.config.modules) or {})
+                                 plain_config(self.config.modules) or {})
 
     # ------------------------------------------------------------------ masks
     def _rng(self, t: int) -> random.Random:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from cl_runner import ops
-from cl_runner.strategies.base import Strategy, tensor_bytes
+from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.registry import register
 from cl_runner.strategies.svd_rank import (_EPS, adaptive_ranks, clamp_rank, layer_importances,
                                            ratio_ranks, scheduled_fraction)
@@ -116,17 +116,6 @@ def _in_range(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ValueError(f"bad value for '{key}': {value!r}; {fix}")
 
 
-def _plain(node: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(node):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return node
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -172,7 +161,7 @@ class SVDOrthogonal(Strategy):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         model = ctx.unwrapped_model
-        self.targets = find_targets(model, ctx.model_family, _plain(self.config.targets) or {})
+        self.targets = find_targets(model, ctx.model_family, plain_config(self.config.targets) or {})
         self.groups = ops.ProjectionGroups(
             [(t.name, t.param) for t in self.targets], mode=self.config.projection,
             basis_dtype=BASIS_DTYPES[self.config.basis_dtype])
