@@ -48,6 +48,29 @@ def run_cl(overrides: list[str], workdir: Path) -> tuple[dict, Path]:
     return json.loads(path.read_text()), path.parent
 
 
+class Interrupted(RuntimeError):
+    """A simulated crash in the middle of a run."""
+
+
+def run_until_crash(overrides: list[str], workdir: Path, stop_at_step: int, monkeypatch) -> None:
+    """Run `cl-run <overrides>` and kill it just before global optimizer step `stop_at_step`."""
+    from cl_runner.loop import ContinualLoop
+
+    original = ContinualLoop._optimizer_step
+
+    def crashing(self, optimizer, micro):
+        if self.progress.global_step == stop_at_step:
+            raise Interrupted("simulated crash")
+        return original(self, optimizer, micro)
+
+    monkeypatch.setattr(ContinualLoop, "_optimizer_step", crashing)
+    try:
+        with pytest.raises(Interrupted):
+            run_cl(overrides, workdir)
+    finally:
+        monkeypatch.setattr(ContinualLoop, "_optimizer_step", original)
+
+
 @pytest.fixture
 def cl_benchmark_dir() -> Path:
     if not CL_BENCHMARK.is_dir():

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from cl_runner.loop import ContinualLoop
-from tests.conftest import run_cl
+from tests.conftest import run_cl, run_until_crash
 
 SMALL = ["task_stream.train_size=300", "task_stream.test_size=20", "trainer.steps_per_task=30",
          "trainer.batch_size=16"]
@@ -59,27 +58,13 @@ def test_two_runs_get_two_folders(tmp_path):
     assert len(list(tmp_path.glob("results/default/*/metrics.json"))) == 2
 
 
-class Interrupted(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("stop_at", [45, 60])  # mid-task (task 2, step 15) and a task boundary
 def test_resume_gives_the_same_R_as_an_uninterrupted_run(tmp_path, monkeypatch, stop_at):
     overrides = SMALL + ["trainer.checkpoint_every_steps=5", "task_stream.order=[reverse,increment,copy]",
                          "trainer.lr=0.01", "model.architecture_config.resid_pdrop=0.1"]  # dropout: RNG must resume too
     full, _ = run_cl(overrides + [f"output_dir={tmp_path / 'full'}"], tmp_path)
 
-    original = ContinualLoop._optimizer_step
-
-    def crashing(self, optimizer, micro):
-        if self.progress.global_step == stop_at:
-            raise Interrupted("simulated crash")
-        return original(self, optimizer, micro)
-
-    monkeypatch.setattr(ContinualLoop, "_optimizer_step", crashing)
-    with pytest.raises(Interrupted):
-        run_cl(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path)
-    monkeypatch.setattr(ContinualLoop, "_optimizer_step", original)
+    run_until_crash(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path, stop_at, monkeypatch)
     assert not (tmp_path / "stopped" / "metrics.json").exists()
     resumed, _ = run_cl([f"resume={tmp_path / 'stopped'}"], tmp_path)
     assert resumed["R"] == full["R"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_runner.loop import ContinualLoop
-from tests.conftest import run_cl
+from tests.conftest import run_cl, run_until_crash
 
 TINY = ["task_stream.train_size=200", "task_stream.test_size=10", "trainer.steps_per_task=16",
         "trainer.batch_size=16", "trainer.lr=0.01", "model.architecture_config.resid_pdrop=0.1"]
@@ -27,10 +26,6 @@ STRATEGIES = {
 }
 
 
-class Interrupted(RuntimeError):
-    pass
-
-
 def final_weights(run_dir):
     path = sorted((run_dir / "checkpoints").glob("task*_done.pt"))[-1]
     return torch.load(path, weights_only=False)["model"]
@@ -47,18 +42,8 @@ def test_strategy_runs_and_resumes_identically(name, tmp_path, monkeypatch):
     base = {"rewarm_replay": "seq_ft"}.get(chosen[0], chosen[0]) if chosen else "seq_ft"
     assert full["strategy"].split("+")[0] == base
 
-    original = ContinualLoop._optimizer_step
     stop_at = full["optimizer_steps"] // 2 + 2  # inside the second task
-
-    def crashing(self, optimizer, micro):
-        if self.progress.global_step == stop_at:
-            raise Interrupted("simulated crash")
-        return original(self, optimizer, micro)
-
-    monkeypatch.setattr(ContinualLoop, "_optimizer_step", crashing)
-    with pytest.raises(Interrupted):
-        run_cl(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path)
-    monkeypatch.setattr(ContinualLoop, "_optimizer_step", original)
+    run_until_crash(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path, stop_at, monkeypatch)
     resumed, resumed_dir = run_cl([f"resume={tmp_path / 'stopped'}"], tmp_path)
     assert resumed["R"] == full["R"]
     a, b = final_weights(full_dir), final_weights(resumed_dir)
