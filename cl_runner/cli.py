@@ -16,6 +16,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cl_runner.config import ConfigError, validate
+from cl_runner.models import ModelLoadError
+from cl_runner.streams.records import RecordError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -101,6 +103,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             execute(raw)
         except ConfigError as err:
             print(f"cl-run: config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except (ModelLoadError, RecordError, FileNotFoundError) as err:
+            # Bad input found while building the run (missing model/data, malformed record):
+            # one clear line, no traceback.
+            print(f"cl-run: error: {err}", file=sys.stderr)
             sys.exit(2)
 
     _hydra_entry()
