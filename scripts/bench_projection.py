@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cl_runner import ops  # noqa: E402
+from bench_output import write_bench_outputs  # noqa: E402  (same folder)
 from cl_runner.ops import reference  # noqa: E402
 
 PRESETS = {
@@ -239,13 +240,7 @@ def main():
                     f"{r['vs_loop']:>8.2f}x{extra}")
             results["cases"].append({"preset": preset, "frac": frac, "layout": layout,
                                      "results": res})
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name or f"projection_{device.type}")
-    with open(stem + ".txt", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {stem}.txt and {stem}.json")
+    write_bench_outputs(args.out, args.name or f"projection_{device.type}", lines, results)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cl_runner import ops  # noqa: E402
+from bench_output import write_bench_outputs  # noqa: E402  (same folder)
 from bench_projection import PRESETS, header, sync  # noqa: E402  (same folder)
 
 
@@ -158,13 +159,7 @@ def main():
     say("\nresid_F: worst relative Frobenius residual of the randomized bases; vs opt: "
         "worst ratio to the exact SVD's residual (1.000 = optimal); spec_sub: worst "
         "spectral suboptimality bound (residual / sketch's s_{k+1}).")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name or f"subspace_{device.type}")
-    with open(stem + ".txt", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {stem}.txt and {stem}.json")
+    write_bench_outputs(args.out, args.name or f"subspace_{device.type}", lines, results)
 
 
 if __name__ == "__main__":

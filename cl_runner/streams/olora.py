@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cl_runner.streams.records import (
+    require_data_dir,
     RecordError,
     read_records,
     require_fields,
@@ -225,12 +226,7 @@ def _check_root(data_dir: str | Path | None) -> Path:
         "the O-LoRA CL_Benchmark folder, which holds <TaskType>/<Dataset>/ folders "
         "(e.g. NLI/MNLI/, TC/agnews/, SC/SST-2/) each with train.json, test.json and labels.json"
     )
-    if data_dir is None or str(data_dir).strip() == "":
-        raise FileNotFoundError(f"task_stream.data_dir is not set; point it at {layout}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"task_stream.data_dir={root} does not exist or is not a folder; point it at {layout}")
-    return root
+    return require_data_dir(data_dir, layout)
 
 
 def available_olora_datasets(root: Path) -> list[str]:

@@ -134,3 +134,14 @@ def resolve_child(parent: Path, name: str) -> Path | None:
             f"({', '.join(p.name for p in matches)}); keep one"
         )
     return matches[0] if matches else None
+
+
+def require_data_dir(data_dir: str | Path | None, layout: str) -> Path:
+    """The stream's root folder, or a FileNotFoundError naming `task_stream.data_dir`
+    and what the folder must hold (`layout`)."""
+    if data_dir is None or str(data_dir).strip() == "":
+        raise FileNotFoundError(f"task_stream.data_dir is not set; point it at {layout}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"task_stream.data_dir={root} does not exist or is not a folder; point it at {layout}")
+    return root

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cl_runner.streams.records import (
+    require_data_dir,
     read_records,
     require_fields,
     require_nonempty,
@@ -107,12 +108,7 @@ def _check_root(data_dir: str | Path | None) -> Path:
         + ", ".join(TRACE_TASKS)
         + "), each with train.json, eval.json and test.json, e.g. .../LLM-CL-Benchmark_5000"
     )
-    if data_dir is None or str(data_dir).strip() == "":
-        raise FileNotFoundError(f"task_stream.data_dir is not set; point it at {layout}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"task_stream.data_dir={root} does not exist or is not a folder; point it at {layout}")
-    return root
+    return require_data_dir(data_dir, layout)
 
 
 def _resolve_order(order: str | Sequence[str]) -> list[str]:

@@ -1,0 +1,16 @@
+"""Shared by the benchmark scripts: write a run's text report and JSON side by side."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_bench_outputs(out_dir: str, stem_name: str, lines: list[str], results: dict[str, Any]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, stem_name)
+    with open(stem + ".txt", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {stem}.txt and {stem}.json")
