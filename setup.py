@@ -13,9 +13,14 @@ the package then installs as plain Python and `cl_runner.ops` warns once and use
 pure-PyTorch backend.
 """
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
 
 
 def _note(message: str) -> None:
@@ -70,4 +75,22 @@ def _extension_setup() -> dict:
             "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
-setup(**_extension_setup())
+class BuildPyWithConfigs(build_py):
+    """Ships the top-level configs/ inside the wheel as cl_runner/configs/ (where
+    cl_runner.config_paths looks when there is no source checkout beside the package)."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            target = Path(self.build_lib) / "cl_runner" / "configs"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(ROOT / "configs", target)
+
+
+def _setup_kwargs() -> dict:
+    kwargs = _extension_setup()
+    kwargs.setdefault("cmdclass", {})["build_py"] = BuildPyWithConfigs
+    return kwargs
+
+
+setup(**_setup_kwargs())

@@ -16,10 +16,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cl_runner.config import ConfigError, validate
+from cl_runner.config_paths import package_configs
 from cl_runner.models import ModelLoadError
 from cl_runner.streams.records import RecordError
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_CONFIGS = package_configs()
 
 
 def run_label(cfg: DictConfig) -> str:

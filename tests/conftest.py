@@ -71,7 +71,7 @@ def run_until_crash(overrides: list[str], workdir: Path, stop_at_step: int, monk
         monkeypatch.setattr(ContinualLoop, "_optimizer_step", original)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cl_benchmark_dir() -> Path:
     if not CL_BENCHMARK.is_dir():
         pytest.skip(f"real benchmark data not present at {CL_BENCHMARK}")

@@ -1,6 +1,8 @@
 """Hydra search-path plugin: a `configs/` folder in the working directory shadows the
 package's configs file by file (users keep their own models and streams beside their
-code). Hydra discovers it through the `hydra_plugins` namespace package."""
+code). Hydra discovers it through the `hydra_plugins` namespace package, for every Hydra
+app in the environment, so it acts only when the app is cl-run (its search path holds
+cl-runner's own configs)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +10,24 @@ from pathlib import Path
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+def _cl_runner_configs() -> Path | None:
+    try:
+        from cl_runner.config_paths import package_configs
+
+        return package_configs().resolve()
+    except (ImportError, FileNotFoundError):
+        return None
 
 
 class ClRunnerLocalConfigs(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        local = Path.cwd() / "configs"
-        if local.is_dir() and local.resolve() != PACKAGE_CONFIGS.resolve():
-            search_path.prepend(provider="cl-runner-local", path=f"file://{local.resolve()}")
+        ours = _cl_runner_configs()
+        if ours is None:
+            return
+        in_use = {p.path.removeprefix("file://") for p in search_path.get_path() if p.path}
+        if str(ours) not in in_use:
+            return  # another Hydra app: leave its search path alone
+        local = (Path.cwd() / "configs").resolve()
+        if local.is_dir() and local != ours:
+            search_path.prepend(provider="cl-runner-local", path=f"file://{local}")

@@ -30,6 +30,16 @@ def test_experiment_presets_validate():
     for option in options("experiment"):
         cfg = validate(compose([f"experiment={option}", "task_stream.data_dir=/data"]))
         assert cfg.trainer.lr > 0
+        # A preset's own top-level keys win over config.yaml's (defaults order: _self_ first).
+        assert cfg.experiment_name == option
+
+
+def test_preset_sets_evaluation_and_the_command_line_still_wins():
+    cfg = validate(compose(["experiment=trace_scripts", "task_stream.data_dir=/data"]))
+    assert cfg.evaluation.max_new_tokens == 512
+    cfg = validate(compose(["experiment=trace_scripts", "task_stream.data_dir=/data",
+                            "experiment_name=mine", "evaluation.max_new_tokens=7"]))
+    assert (cfg.experiment_name, cfg.evaluation.max_new_tokens) == ("mine", 7)
 
 
 def test_default_is_tiny_gpt2_on_synthetic_with_seq_ft():

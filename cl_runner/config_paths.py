@@ -1,0 +1,17 @@
+"""Where the shipped configs live: `configs/` beside the package in a source checkout or
+an editable install, `cl_runner/configs/` inside an installed wheel (setup.py copies the
+top-level folder there at build time, so the repository keeps one copy)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def package_configs() -> Path:
+    for candidate in (_PACKAGE_DIR.parent / "configs", _PACKAGE_DIR / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"cl-runner's configs are missing (looked in {_PACKAGE_DIR.parent / 'configs'} and "
+        f"{_PACKAGE_DIR / 'configs'}); reinstall the package: pip install -e . or pip install cl-runner")
