@@ -29,17 +29,32 @@ def run_label(cfg: DictConfig) -> str:
     return "_".join([cfg.task_stream.name, cfg.model.name, "+".join([base] + addons), f"s{cfg.seed}"])
 
 
+def check_strategy_options(cfg: DictConfig) -> DictConfig:
+    """Each strategy checks its own options when it is built (the schema leaves them
+    open); build the stack once here, before any folder or model exists, so a bad value
+    fails as early as a bad schema key."""
+    from cl_runner.strategies import build_strategy
+
+    try:
+        build_strategy(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg
+
+
 def load_config(raw: DictConfig) -> tuple[DictConfig, bool]:
     """The validated config, or, with resume=DIR, the config saved in that run folder
     (a resumed run continues with exactly the settings it started with)."""
     resume = raw.get("resume")
     if not resume:
-        return validate(raw), False
+        return check_strategy_options(validate(raw)), False
     saved = Path(resume) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume={resume!r}: no config.yaml there; point resume at a run folder "
                           "(results/<experiment>/<run>/)")
-    cfg = validate(OmegaConf.load(saved))
+    cfg = check_strategy_options(validate(OmegaConf.load(saved)))
     cfg.resume = str(resume)
     return cfg, True
 
@@ -66,7 +81,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     from cl_runner.loop import ContinualLoop
     from cl_runner.ops_setup import configure_ops
     from cl_runner.outputs import finish_run
-    from cl_runner.tracking import make_tracker
+    from cl_runner.tracking import discard_unstarted_run, make_tracker
 
     configure_ops(cfg.ops)
     accelerator = Accelerator(mixed_precision=cfg.trainer.precision)
@@ -80,6 +95,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg.logger, run_dir, run_dir.name, OmegaConf.to_container(cfg), accelerator.is_main_process)
     started = time.perf_counter()
     ok = False
+    loop = None
     try:
         loop = ContinualLoop(cfg, run_dir, tracker, accelerator)
         progress = loop.run(resume=resuming)
@@ -88,6 +104,8 @@ def execute(raw: DictConfig) -> dict[str, Any]:
         return metrics
     finally:
         tracker.finish(ok)  # a failed job in a sweep never leaves its tracker open
+        if loop is None and not resuming and accelerator.is_main_process:
+            discard_unstarted_run(run_dir)  # no empty run folders from a bad model or data path
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +41,20 @@ def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional
         except FileExistsError:
             n += 1
             folder = base.with_name(f"{base.name}_{n}")
+
+
+def discard_unstarted_run(folder: Path) -> None:
+    """Undo a run folder whose run failed before training (a missing model or data folder):
+    remove what cl-run itself wrote there (config.yaml, the W&B offline files), then the
+    folder if that leaves it empty. A user's own files are never touched."""
+    if any((folder / m).exists() for m in RESULT_MARKERS):
+        return
+    (folder / "config.yaml").unlink(missing_ok=True)
+    shutil.rmtree(folder / "wandb", ignore_errors=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: the user's files stay
 
 
 def _json_safe(obj: Any) -> Any:
