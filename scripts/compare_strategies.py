@@ -31,7 +31,7 @@ STRATEGIES: dict[str, list[str]] = {
     "hft": ["strategy=hft"],
     "ewc_norm_l1": ["strategy=ewc", "strategy.normalize_fisher=true", "strategy.ewc_lambda=1",
                     "strategy.fisher_samples=256"],
-    "classp": ["strategy=classp"],
+    "classp": ["strategy=classp", "trainer.max_grad_norm=null"],  # the paper does not clip
     "rewarm_replay": ["strategy=rewarm_replay"],
     "seq_ft_lines": ["lines.enabled=true"],
 }
@@ -50,11 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir: Path) -> None:
+def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir: Path) -> bool:
+    """True when the run has its metrics.json (now or from before)."""
     folder = runs_dir / label
     if (folder / "metrics.json").is_file():
         print(f"[compare] {label}: done before, skipped", flush=True)
-        return
+        return True
     cl_run = [sys.executable, "-m", "cl_runner.cli"]  # the cl-run of this interpreter
     if (folder / "config.yaml").is_file():
         # A stopped run: its checkpoints let cl-run continue it.
@@ -66,8 +67,11 @@ def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir
                                             f"output_dir={folder}", *overrides, *args.extra]
     print(f"[compare] {label}: cl-run {' '.join(command[3:])}", flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"[compare] {label}: {time.perf_counter() - started:.0f} s", flush=True)
+    code = subprocess.run(command).returncode
+    # One failing strategy must not cost the others their runs.
+    status = "done" if code == 0 else f"FAILED (exit code {code}); the comparison goes on without it"
+    print(f"[compare] {label}: {status}, {time.perf_counter() - started:.0f} s", flush=True)
+    return code == 0
 
 
 def r_matrix_markdown(metrics: dict) -> str:
@@ -86,14 +90,19 @@ def main(argv=None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     labels = args.only or list(STRATEGIES)
-    for label in labels:
-        run_one(label, STRATEGIES[label], args, runs_dir)
+    failed = [label for label in labels if not run_one(label, STRATEGIES[label], args, runs_dir)]
+    labels = [label for label in labels if label not in failed]
+    if not labels:
+        print("[compare] every run failed; nothing to compare", file=sys.stderr)
+        return 1
 
     report = subprocess.run([sys.executable, "-m", "cl_runner.report", str(runs_dir), "--out", str(out), "--format", "markdown"],
                             check=True, capture_output=True, text=True)
     sections = [f"# Strategies on `experiment={args.preset}` (seed {args.seed})", "",
                 f"`python scripts/compare_strategies.py --preset {args.preset} --data-dir DATA "
                 f"{' '.join(args.extra)}`".rstrip(), "", report.stdout.strip(), ""]
+    if failed:
+        sections += [f"Failed (see their run folders under {runs_dir}): {', '.join(failed)}", ""]
     for label in labels:
         metrics = json.loads((runs_dir / label / "metrics.json").read_text())
         command = " ".join(STRATEGIES[label]) or "(defaults)"
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
     (out / "comparison.md").write_text("\n".join(sections))
     print(report.stdout)
     print(f"[compare] wrote {out / 'comparison.md'}, comparison.csv, comparison.png", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

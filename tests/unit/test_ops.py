@@ -11,14 +11,7 @@ BACKENDS = [b for b in ops.available_backends("cpu")]
 SHAPES = [(64, 64), (172, 64), (64, 172), (1, 7), (7, 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: extra threads only add synchronisation, which stalls badly when
-    # the machine is shared. Restored for other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def orthonormal(dim: int, k: int, seed: int, dtype=torch.float32) -> torch.Tensor:

@@ -14,14 +14,7 @@ LAYOUT = [((64, 64), 48), ((64, 64), 10), ((64, 64), 0), ((64, 64), 63),
           ((172, 64), 16), ((172, 64), 40), ((64, 172), 40), ((64, 172), 8)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: extra threads only add synchronisation, which stalls badly when
-    # the machine is shared. Restored for other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_params(seed: int = 0):

@@ -7,14 +7,7 @@ import torch
 from cl_runner import ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: extra threads only add synchronisation, which stalls badly when
-    # the machine is shared. Restored for other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int):
