@@ -29,19 +29,44 @@ def run_label(cfg: DictConfig) -> str:
     return "_".join([cfg.task_stream.name, cfg.model.name, "+".join([base] + addons), f"s{cfg.seed}"])
 
 
+def launched_on_cpus() -> bool:
+    """True for a multi-process launch (torchrun, accelerate launch) on a machine without
+    CUDA. Accelerate makes such processes one distributed (gloo) job only when told to use
+    the CPU; otherwise each would silently run alone and race for the same run folder."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def check_strategy_options(cfg: DictConfig) -> DictConfig:
     """Each strategy checks its own options when it is built (the schema leaves them
     open); build the stack once here, before any folder or model exists, so a bad value
     fails as early as a bad schema key."""
+    build_checked_strategy(cfg)
+    return cfg
+
+
+def build_checked_strategy(cfg: DictConfig):
     from cl_runner.strategies import build_strategy
 
     try:
-        build_strategy(cfg)
+        return build_strategy(cfg)
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return cfg
+
+
+def make_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = []
+    if build_checked_strategy(cfg).freezes_parameters:
+        # HFT (and svd_orthogonal with freeze_untargeted) freeze parameters after DDP has
+        # wrapped the model; DDP must then find the ones that get no gradient.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(mixed_precision=cfg.trainer.precision, cpu=launched_on_cpus(), kwargs_handlers=handlers)
 
 
 def load_config(raw: DictConfig) -> tuple[DictConfig, bool]:
@@ -71,7 +96,6 @@ def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
 
 def execute(raw: DictConfig) -> dict[str, Any]:
     """One run from a composed config; returns its metrics."""
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
     cfg, resuming = load_config(raw)  # fails fast, before any model is built
@@ -84,7 +108,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     from cl_runner.tracking import discard_unstarted_run, make_tracker
 
     configure_ops(cfg.ops)
-    accelerator = Accelerator(mixed_precision=cfg.trainer.precision)
+    accelerator = make_accelerator(cfg)
     # Rank 0 makes the one run folder; the other ranks learn its path from rank 0.
     holder = [str(make_run_dir(cfg, resuming)) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:

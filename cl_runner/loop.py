@@ -233,6 +233,11 @@ class ContinualLoop:
                 self.accelerator.backward(objective / len(micro))
             total_loss += loss.item() / len(micro)
             tokens += int(batch["attention_mask"].sum())
+        if world > 1:
+            # The loss shown and logged is the global batch's, and tokens count every rank's.
+            summed = self.accelerator.reduce(torch.tensor([total_loss, float(tokens)], device=self.accelerator.device),
+                                             reduction="sum")
+            total_loss, tokens = summed[0].item() / world, int(summed[1].item())
         self.strategy.after_backward()
         if self.trainer.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)

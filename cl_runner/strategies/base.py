@@ -55,6 +55,10 @@ class Strategy:
     name: str = "base"
     # Keep the optimizer (and its moments) from one task to the next.
     carry_optimizer: bool = False
+    # Sets requires_grad=False on some parameters during training. Under DDP every
+    # parameter registered at wrap time must get a gradient each step unless unused
+    # parameters are detected, so cl-run turns that detection on for such strategies.
+    freezes_parameters: bool = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

@@ -170,27 +170,28 @@ class ElasticWeightConsolidation(Strategy):
         """Diagonal Fisher of task t (fp32, one tensor per trainable parameter)."""
         ctx, cfg = self.ctx, self.config
         acc = ctx.accelerator
-        # The unwrapped model: its backward passes do not trigger DDP's gradient sync; every
-        # process takes its slice of the examples and the sums are added up afterwards.
+        # The unwrapped model: its backward passes do not trigger DDP's gradient sync. The
+        # Fisher batches are cut from the whole sample first and then dealt out to the
+        # processes, each with its own label-sampling seed, so the Fisher is the same for
+        # any number of processes.
         model = ctx.unwrapped_model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
         chosen = self.fisher_examples_for(t, examples)
-        local = chosen[acc.process_index::acc.num_processes]
         size = 1 if cfg.granularity == "sample" else cfg.fisher_batch_size
-        generator = None
+        batches = [chosen[start:start + size] for start in range(0, len(chosen), size)]
+        mine = range(acc.process_index, len(batches), acc.num_processes)
         was_training = model.training
         model.eval()
         count = 0
         try:
             self._zero_grads(named)
-            for start in range(0, len(local), size):
-                batch = ctx.collate(local[start:start + size])
+            for index in mine:
+                batch = ctx.collate(batches[index])
                 if cfg.fisher == "sampled":
-                    if generator is None:
-                        device = next(iter(batch.values())).device
-                        generator = torch.Generator(device=device)
-                        generator.manual_seed(hash_seed(ctx.seed, t, acc.process_index))
+                    device = next(iter(batch.values())).device
+                    generator = torch.Generator(device=device)
+                    generator.manual_seed(hash_seed(ctx.seed, t, index))
                     batch = sample_labels(model, batch, ctx.model_kind, generator)
                 with acc.autocast():
                     loss = ctx.loss_fn(model, batch)
@@ -243,9 +244,9 @@ class ElasticWeightConsolidation(Strategy):
                 "fisher_seconds": round(self.fisher_seconds, 3)}
 
 
-def hash_seed(seed: int, t: int, rank: int) -> int:
-    """A 63-bit generator seed from (run seed, task, process)."""
-    return random.Random(f"{seed}:ewc-sample:{t}:{rank}").getrandbits(63)
+def hash_seed(seed: int, t: int, batch_index: int) -> int:
+    """A 63-bit generator seed from (run seed, task, Fisher batch)."""
+    return random.Random(f"{seed}:ewc-sample:{t}:{batch_index}").getrandbits(63)
 
 
 def mean_of(fisher: dict[str, torch.Tensor]) -> float:

@@ -216,6 +216,7 @@ class HalfFineTuning(Strategy):
             raise ValueError(f"bad value for 'strategy.ratio': {config.ratio!r}; use a "
                              "fraction in [0, 1] (0.5 freezes half)")
         self.carry_optimizer = bool(config.carry_optimizer)
+        self.freezes_parameters = True
         self.units: dict = {}
         self._masks: list[_Mask] = []
         self._excluded: list[nn.Parameter] = []

@@ -23,6 +23,7 @@ class StrategyStack(Strategy):
         self.members = members
         self.name = "+".join(m.name for m in members)
         self.carry_optimizer = any(m.carry_optimizer for m in members)
+        self.freezes_parameters = any(m.freezes_parameters for m in members)
 
     @property
     def base(self) -> Strategy:

@@ -126,6 +126,7 @@ class SVDOrthogonal(Strategy):
     def __init__(self, config: SVDOrthogonalConfig) -> None:
         super().__init__(config)
         c, r = config, config.rank
+        self.freezes_parameters = bool(c.freeze_untargeted)
         _choice(r.mode, "strategy.rank.mode", RANK_MODES)
         _choice(c.projection, "strategy.projection", ops.MODES)
         _choice(c.bases, "strategy.bases", BASES_MODES)
