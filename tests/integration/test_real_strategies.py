@@ -19,8 +19,8 @@ PRESET = ["experiment=minilm_quick"]
 
 
 @pytest.fixture(scope="module")
-def seq_ft_run(tmp_path_factory, cl_benchmark_dir):
-    return run_cl(PRESET + [f"task_stream.data_dir={cl_benchmark_dir}"], tmp_path_factory.mktemp("seq"))[0]
+def seq_ft_run(minilm_quick_seq_ft):
+    return minilm_quick_seq_ft[0]
 
 
 @pytest.mark.slow
