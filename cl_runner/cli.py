@@ -138,6 +138,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from cl_runner.override_check import misspelt_key_message
+
+    typo = misspelt_key_message(PACKAGE_CONFIGS, sys.argv[1:])
+    if typo:
+        print(f"cl-run: config error: {typo}", file=sys.stderr)
+        sys.exit(2)
     # A working-directory configs/ shadows these through the search-path plugin in
     # hydra_plugins/cl_runner_searchpath.
     @hydra.main(version_base=None, config_path=str(PACKAGE_CONFIGS), config_name="config")

@@ -45,3 +45,10 @@ def test_a_users_own_files_in_output_dir_survive_a_failed_start(tmp_path):
     assert done.returncode == 2, done.stderr
     assert (out / "notes.txt").read_text() == "keep me"
     assert not (out / "config.yaml").exists()
+
+
+def test_misspelt_key_exits_2_with_the_closest_key(tmp_path):
+    done = cl_run(["trainer.lrr=0.1"], tmp_path)
+    assert done.returncode == 2
+    assert "cl-run: config error: unknown config key 'trainer.lrr': did you mean 'trainer.lr'?" in done.stderr
+    assert "Traceback" not in done.stderr

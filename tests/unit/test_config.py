@@ -111,3 +111,20 @@ def test_local_configs_folder_shadows_package(tmp_path, monkeypatch):
                          cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert "name: my_model" in out.stdout
+
+
+def test_misspelt_command_line_key_gets_did_you_mean_not_hydras_append_hint():
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cl_runner.override_check import misspelt_key_message
+
+    GlobalHydra.instance().clear()
+    configs = REPO / "configs"
+    msg = misspelt_key_message(configs, ["strategy=ewc", "strategy.ewc_lamda=3"])
+    assert msg.startswith("unknown config key 'strategy.ewc_lamda': did you mean 'strategy.ewc_lambda'?"), msg
+    assert "+strategy.ewc_lamda=" in msg
+    assert "did you mean 'seed'" in misspelt_key_message(configs, ["seeed=1"])
+    # Good command lines, flags and other failures are left to Hydra.
+    assert misspelt_key_message(configs, ["trainer.lr=0.1", "strategy=hft"]) is None
+    assert misspelt_key_message(configs, ["--cfg", "job", "trainer.lr=0.1"]) is None
+    assert misspelt_key_message(configs, ["strategy=no_such_strategy"]) is None
