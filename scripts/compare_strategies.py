@@ -31,7 +31,11 @@ STRATEGIES: dict[str, list[str]] = {
     "hft": ["strategy=hft"],
     "ewc_norm_l1": ["strategy=ewc", "strategy.normalize_fisher=true", "strategy.ewc_lambda=1",
                     "strategy.fisher_samples=256"],
-    "classp": ["strategy=classp", "trainer.max_grad_norm=null"],  # the paper does not clip
+    "classp": ["strategy=classp", "trainer.max_grad_norm=null"],  # the paper's rule and defaults, no clipping
+    # The paper's absolute threshold (g^2 > 0.5) never fires on a pretrained model's small
+    # gradients; the quantile threshold with the code's AdaGrad-like sum does.
+    "classp_llm": ["strategy=classp", "trainer.max_grad_norm=null", "strategy.threshold_mode=quantile",
+                   "strategy.update_fraction=0.1", "strategy.sum_includes_current=true", "strategy.alpha=1e-3"],
     "rewarm_replay": ["strategy=rewarm_replay"],
     "seq_ft_lines": ["lines.enabled=true"],
 }
@@ -89,18 +93,21 @@ def main(argv=None) -> int:
     runs_dir = args.runs or Path("results") / "compare" / args.preset
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    labels = args.only or list(STRATEGIES)
-    failed = [label for label in labels if not run_one(label, STRATEGIES[label], args, runs_dir)]
-    labels = [label for label in labels if label not in failed]
+    failed = [label for label in (args.only or list(STRATEGIES))
+              if not run_one(label, STRATEGIES[label], args, runs_dir)]
+    # The report covers every finished run in RUNS, also those of earlier --only calls.
+    labels = [label for label in STRATEGIES if (runs_dir / label / "metrics.json").is_file()]
     if not labels:
-        print("[compare] every run failed; nothing to compare", file=sys.stderr)
+        print("[compare] no finished run; nothing to compare", file=sys.stderr)
         return 1
 
     report = subprocess.run([sys.executable, "-m", "cl_runner.report", str(runs_dir), "--out", str(out), "--format", "markdown"],
                             check=True, capture_output=True, text=True)
-    sections = [f"# Strategies on `experiment={args.preset}` (seed {args.seed})", "",
-                f"`python scripts/compare_strategies.py --preset {args.preset} --data-dir DATA "
-                f"{' '.join(args.extra)}`".rstrip(), "", report.stdout.strip(), ""]
+    command = " ".join(["python scripts/compare_strategies.py", f"--preset {args.preset}",
+                        "--data-dir DATA" if args.data_dir else "", *args.extra]).replace("  ", " ").strip()
+    sections = [f"# Strategies on `experiment={args.preset}` (seed {args.seed})", "", f"`{command}`", "",
+                "Times are wall-clock on the machine that ran them and vary with its load: a rough "
+                "guide to cost, not a benchmark.", "", report.stdout.strip(), ""]
     if failed:
         sections += [f"Failed (see their run folders under {runs_dir}): {', '.join(failed)}", ""]
     for label in labels:
