@@ -28,6 +28,7 @@ def test_missing_model_or_data_is_one_line_and_leaves_no_run_folder(tmp_path, ar
     assert "Traceback" not in done.stderr
     leftovers = list((tmp_path / "results").rglob("*")) if (tmp_path / "results").exists() else []
     assert not [p for p in leftovers if p.is_file()], leftovers
+    assert not list(tmp_path.glob("*.log")), "Hydra's job log must not land in the working directory"
 
 
 def test_config_error_names_key_and_exits_before_anything_is_built(tmp_path):
