@@ -101,8 +101,8 @@ def main(argv=None) -> int:
         print("[compare] no finished run; nothing to compare", file=sys.stderr)
         return 1
 
-    report = subprocess.run([sys.executable, "-m", "cl_runner.report", str(runs_dir), "--out", str(out), "--format", "markdown"],
-                            check=True, capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "cl_runner.report", str(runs_dir), "--out", str(out),
+                             "--format", "markdown"], check=True, capture_output=True, text=True)
     command = " ".join(["python scripts/compare_strategies.py", f"--preset {args.preset}",
                         "--data-dir DATA" if args.data_dir else "", *args.extra]).replace("  ", " ").strip()
     sections = [f"# Strategies on `experiment={args.preset}` (seed {args.seed})", "", f"`{command}`", "",
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         sections += [f"Failed (see their run folders under {runs_dir}): {', '.join(failed)}", ""]
     for label in labels:
         metrics = json.loads((runs_dir / label / "metrics.json").read_text())
-        command = " ".join(STRATEGIES[label]) or "(defaults)"
-        sections += [f"## {label}: `{command}`", "", r_matrix_markdown(metrics), ""]
+        settings = " ".join(STRATEGIES[label]) or "(defaults)"
+        sections += [f"## {label}: `{settings}`", "", r_matrix_markdown(metrics), ""]
     (out / "comparison.md").write_text("\n".join(sections))
     print(report.stdout)
     print(f"[compare] wrote {out / 'comparison.md'}, comparison.csv, comparison.png", file=sys.stderr)
