@@ -9,9 +9,11 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def package_configs() -> Path:
-    for candidate in (_PACKAGE_DIR.parent / "configs", _PACKAGE_DIR / "configs"):
+    # The wheel's own copy first: beside an installed package, `../configs` would be a
+    # folder in site-packages that is not ours.
+    for candidate in (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs"):
         if (candidate / "config.yaml").is_file():
             return candidate
     raise FileNotFoundError(
-        f"cl-runner's configs are missing (looked in {_PACKAGE_DIR.parent / 'configs'} and "
-        f"{_PACKAGE_DIR / 'configs'}); reinstall the package: pip install -e . or pip install cl-runner")
+        f"cl-runner's configs are missing (looked in {_PACKAGE_DIR / 'configs'} and "
+        f"{_PACKAGE_DIR.parent / 'configs'}); reinstall the package: pip install -e . or pip install cl-runner")

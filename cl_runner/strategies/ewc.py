@@ -172,8 +172,8 @@ class ElasticWeightConsolidation(Strategy):
         acc = ctx.accelerator
         # The unwrapped model: its backward passes do not trigger DDP's gradient sync. The
         # Fisher batches are cut from the whole sample first and then dealt out to the
-        # processes, each with its own label-sampling seed, so the Fisher is the same for
-        # any number of processes.
+        # processes, and each batch has its own label-sampling seed, so the Fisher is the
+        # same for any number of processes.
         model = ctx.unwrapped_model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
