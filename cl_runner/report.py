@@ -4,7 +4,9 @@
 
 Every `metrics.json` under the given paths (a run folder holds `config.yaml` and
 `metrics.json`) becomes one row: run, model, stream, strategy, ACC, gap, BWT, FWT, F,
-LA, time, memory. Rows are grouped by task stream. In each stream the multitask run
+LA, time, memory. Rows are grouped by task stream. Runs of one strategy that differ in
+their settings (a sweep) are told apart in the strategy column by what differs, read
+from each run's config.yaml: `ewc (ewc_lambda=0.1)`. In each stream the multitask run
 (strategy name starting with "multitask") of the same model is the upper-bound
 reference: its gap column reads "ref" and every other run's gap is its ACC minus the
 reference's. `comparison.csv` (raw numbers) and `comparison.png` (ACC curves and final
@@ -47,6 +49,8 @@ class RunResult:
     peak_memory_bytes: Optional[float] = None
     strategy_extra_bytes: Optional[float] = None
     reference: Optional["RunResult"] = None  # the multitask run of its stream and model
+    config: dict = field(default_factory=dict)  # the run's config.yaml, flattened to dotted keys
+    settings: str = ""  # what sets it apart from runs of the same strategy (a sweep's values)
 
     @property
     def is_multitask(self) -> bool:
@@ -64,8 +68,12 @@ class RunResult:
         return self.ACC - self.reference.ACC
 
     @property
+    def strategy_label(self) -> str:
+        return f"{self.strategy} ({self.settings})" if self.settings else self.strategy
+
+    @property
     def label(self) -> str:
-        return f"{self.run_id} ({self.strategy})"
+        return f"{self.run_id} ({self.strategy_label})"
 
 
 # --- loading ------------------------------------------------------------------------
@@ -92,6 +100,49 @@ def _number(value, key: str, path: Path):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value  # ints stay ints (bytes), so the CSV shows 536870912, not 536870912.0
+
+
+def flatten(node, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists and scalars become their text."""
+    if not isinstance(node, dict):
+        return {prefix: str(node)} if prefix else {}
+    flat: dict[str, str] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def load_config(run_folder: Path) -> dict[str, str]:
+    """The run's config.yaml, flattened; empty when it is missing or unreadable (the
+    comparison then simply cannot say what the run's settings were)."""
+    import yaml  # PyYAML comes with omegaconf
+
+    try:
+        return flatten(yaml.safe_load((run_folder / "config.yaml").read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+# Keys that differ between runs without changing what is measured.
+_NOT_SETTINGS = ("output_dir", "resume", "experiment_name", "dry_run", "logger.", "trainer.progress_bar",
+                 "trainer.log_every_steps", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
+                 "task_stream.data_dir", "evaluation.save_predictions", "ops.")
+
+
+def describe_differences(runs: Sequence[RunResult]) -> None:
+    """Among runs of one stream and strategy (a sweep), name the settings that differ:
+    `ewc (ewc_lambda=0.1)` rather than two rows that read `ewc`."""
+    families: dict[tuple[str, str], list[RunResult]] = {}
+    for run in runs:
+        families.setdefault((run.stream, run.strategy), []).append(run)
+    for family in families.values():
+        if len(family) < 2 or not all(r.config for r in family):
+            continue
+        keys = sorted({k for r in family for k in r.config})
+        differing = [k for k in keys if not k.startswith(_NOT_SETTINGS)
+                     and len({r.config.get(k) for r in family}) > 1]
+        for run in family:
+            run.settings = ", ".join(f"{k.removeprefix('strategy.')}={run.config.get(k, '-')}" for k in differing)
 
 
 def load_run(path: Path) -> RunResult:
@@ -123,6 +174,7 @@ def load_run(path: Path) -> RunResult:
         wall_time_s=_number(data.get("wall_time_s"), "wall_time_s", path),
         peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
         strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
+        config=load_config(path.parent),
     )
 
 
@@ -212,7 +264,7 @@ _TEXT_COLUMNS = 4  # the first four are left-aligned text, the rest right-aligne
 def table_row(run: RunResult) -> list[str]:
     gap = "ref" if run.is_reference else _fmt(run.gap, signed=True)
     return [
-        run.run_id, run.model, run.stream, run.strategy,
+        run.run_id, run.model, run.stream, run.strategy_label,
         _fmt(run.ACC), gap, _fmt(run.BWT, signed=True), _fmt(run.FWT, signed=True),
         _fmt(run.forgetting), _fmt(run.LA), format_duration(run.wall_time_s), format_bytes(run.peak_memory_bytes),
     ]
@@ -248,6 +300,7 @@ def _reference_note(runs: Sequence[RunResult]) -> str:
 CSV_COLUMNS = (
     "stream", "model", "strategy", "run", "ACC", "gap_to_multitask", "reference_run", "BWT", "FWT",
     "forgetting", "LA", "num_tasks", "wall_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
+    "settings",
 )
 
 
@@ -261,7 +314,7 @@ def csv_text(groups: dict[str, list[RunResult]]) -> str:
             values = [
                 r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
                 r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
-                r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path,
+                r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path, r.settings,
             ]
             writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()
@@ -337,6 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     attach_references(runs)
+    describe_differences(runs)
     groups = {stream: sort_runs(group, args.sort) for stream, group in group_by_stream(runs).items()}
     print(render(groups, args.fmt))
 

@@ -1,5 +1,6 @@
 """Plots write readable PNGs; cl-report finds runs, compares them and writes CSV + PNG."""
 import csv
+import io
 import json
 
 import pytest
@@ -180,3 +181,23 @@ def test_human_units():
     assert format_bytes(512) == "512 B"
     assert format_bytes(512 * 2**20) == "512.0 MiB"
     assert format_bytes(1.5 * 2**30) == "1.50 GiB"
+
+
+def test_report_names_what_differs_within_a_sweep(tmp_path, capsys):
+    """Two EWC runs of a lambda sweep read `ewc (ewc_lambda=...)`; settings that differ
+    without changing the experiment (paths, names, logging) are not listed; a strategy
+    with a single run stays bare."""
+    root = tmp_path / "sweep"
+    for name, strategy, lam, out in (("a", "ewc", 0.1, "/x/a"), ("b", "ewc", 10.0, "/x/b"), ("c", "seq_ft", None, "/x/c")):
+        _write_run(root / name, name, strategy, R_SEQ)
+        config = {"strategy": {"name": strategy, **({"ewc_lambda": lam, "mode": "online"} if lam else {})},
+                  "trainer": {"lr": 0.003, "progress_bar": name == "a"}, "output_dir": out, "seed": 0}
+        (root / name / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    assert main([str(root), "--out", str(tmp_path / "out"), "--format", "csv"]) == 0
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert rows["a"]["strategy"] == "ewc" and rows["a"]["settings"] == "ewc_lambda=0.1"
+    assert rows["b"]["settings"] == "ewc_lambda=10.0"
+    assert rows["c"]["settings"] == ""
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "ewc (ewc_lambda=0.1)" in text and "ewc (ewc_lambda=10.0)" in text
