@@ -67,3 +67,23 @@ def test_two_processes_match_one_with_the_same_global_batch(case, tmp_path):
     for task in ("reverse", "increment"):
         lines = (two_dir / "predictions" / f"task_{1 if task == 'reverse' else 2}_after_2.jsonl").read_text().splitlines()
         assert len(lines) == 10, f"{task}: predictions of both ranks gathered"
+
+
+def test_two_process_run_resumes_at_a_task_boundary_bit_identically(tmp_path):
+    """Stop a two-process EWC run after task 1 (its later files removed) and resume it with
+    two processes: the same weights and R as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    overrides = STEPS + ["strategy=ewc", "trainer.batch_size=8", "trainer.keep_checkpoints=2"]
+    done = torchrun(overrides + [f"output_dir={run_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    full_R = json.loads((run_dir / "metrics.json").read_text())["R"]
+    full_weights = final_state(run_dir)["model"]
+
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "checkpoints" / "task001_done.pt").unlink()
+    resumed = torchrun([f"resume={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from task000_done.pt" in resumed.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["R"] == full_R
+    for name, weight in final_state(run_dir)["model"].items():
+        assert torch.equal(weight, full_weights[name]), name
