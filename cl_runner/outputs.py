@@ -36,7 +36,30 @@ def format_summary(R: list[list[Any]], task_names: list[str], metrics: dict[str,
 
     lines.append("")
     lines.append("  ".join(f"{k} {fmt(metrics.get(k))}" for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "AIA")))
+    cost = format_cost(metrics)
+    if cost:
+        lines.append(cost)
     return "\n".join(lines)
+
+
+def format_cost(metrics: dict[str, Any]) -> str:
+    """What the run cost, on one line: time (train / eval), throughput, peak memory and the
+    strategy's own state, e.g. `cost: 28.4s (train 26.4s, eval 0.2s)  1.2 GiB peak  ...`."""
+    from cl_runner.report import format_bytes, format_duration
+
+    parts = []
+    if metrics.get("wall_time_s") is not None:
+        evals = sum(t.get("eval", 0.0) for t in metrics.get("task_time_s") or [])
+        parts.append(f"{format_duration(metrics['wall_time_s'])} (train {format_duration(metrics.get('train_time_s'))}, "
+                     f"eval {format_duration(evals)})")
+    if metrics.get("train_tokens_per_s"):
+        parts.append(f"{metrics['train_tokens_per_s']:,.0f} train tokens/s")
+    if metrics.get("peak_memory_bytes"):
+        kind = "GPU" if metrics.get("peak_memory_kind") == "cuda_allocated" else "RSS"
+        parts.append(f"peak memory {format_bytes(metrics['peak_memory_bytes'])} ({kind})")
+    if metrics.get("strategy_extra_bytes"):
+        parts.append(f"strategy state {format_bytes(metrics['strategy_extra_bytes'])}")
+    return ("cost: " + "  ".join(parts)) if parts else ""
 
 
 def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Tracker) -> dict[str, Any]:

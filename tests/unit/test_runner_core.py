@@ -162,3 +162,19 @@ def test_batch_plan_counts_epochs_and_accumulation():
     seen = [e.answer for b in plan.batches for e in b]
     assert sorted(seen[:20]) == sorted(str(i) for i in range(20))
     assert loop.plan_task(0, t).batches == plan.batches  # deterministic
+
+
+def test_summary_ends_with_what_the_run_cost():
+    from cl_runner.outputs import format_summary
+
+    R = [[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]]
+    metrics = {"ACC": 0.75, "BWT": -0.5, "wall_time_s": 75.0, "train_time_s": 60.0,
+               "task_time_s": [{"train": 30.0, "eval": 2.0}, {"train": 30.0, "eval": 3.5}],
+               "train_tokens_per_s": 12345.6, "peak_memory_bytes": 3 * 2**30, "peak_memory_kind": "cpu_max_rss",
+               "strategy_extra_bytes": 5 * 2**20}
+    text = format_summary(R, ["a", "b"], metrics)
+    assert text.splitlines()[-1] == ("cost: 1m15s (train 1m00s, eval 5.5s)  12,346 train tokens/s  "
+                                     "peak memory 3.00 GiB (RSS)  strategy state 5.0 MiB")
+    assert "ACC +0.7500  BWT -0.5000" in text
+    # seq_ft keeps no state: no "strategy state" part
+    assert "strategy state" not in format_summary(R, ["a", "b"], {**metrics, "strategy_extra_bytes": 0})
