@@ -38,6 +38,8 @@ STRATEGIES: dict[str, list[str]] = {
                    "strategy.update_fraction=0.1", "strategy.sum_includes_current=true", "strategy.alpha=1e-3"],
     "rewarm_replay": ["strategy=rewarm_replay"],
     "seq_ft_lines": ["lines.enabled=true"],
+    # Scaling each task's own update (not the whole drift from the pretrained weights).
+    "seq_ft_lines_prev": ["lines.enabled=true", "lines.reference=previous_task"],
 }
 
 
