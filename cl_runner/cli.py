@@ -130,6 +130,12 @@ def execute(raw: DictConfig) -> dict[str, Any]:
         tracker.finish(ok)  # a failed job in a sweep never leaves its tracker open
         if loop is None and not resuming and accelerator.is_main_process:
             discard_unstarted_run(run_dir)  # no empty run folders from a bad model or data path
+        if ok:
+            accelerator.wait_for_everyone()  # rank 0 may still be writing results
+        # Tear the process group down before the interpreter exits: a gloo group left to
+        # its destructor can abort a rank at exit ("terminate called without an active
+        # exception") and the launcher then kills the others. No-op on one process.
+        accelerator.end_training()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
