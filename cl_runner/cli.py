@@ -38,15 +38,10 @@ def launched_on_cpus() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def check_strategy_options(cfg: DictConfig) -> DictConfig:
-    """Each strategy checks its own options when it is built (the schema leaves them
-    open); build the stack once here, before any folder or model exists, so a bad value
-    fails as early as a bad schema key."""
-    build_checked_strategy(cfg)
-    return cfg
-
-
 def build_checked_strategy(cfg: DictConfig):
+    """The run's strategy stack. Each strategy checks its own options when it is built
+    (the schema leaves them open); building it before any folder or model exists makes a
+    bad value fail as early as a bad schema key."""
     from cl_runner.strategies import build_strategy
 
     try:
@@ -57,12 +52,12 @@ def build_checked_strategy(cfg: DictConfig):
         raise ConfigError(str(err)) from None
 
 
-def make_accelerator(cfg: DictConfig):
+def make_accelerator(cfg: DictConfig, strategy):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     handlers = []
-    if build_checked_strategy(cfg).freezes_parameters:
+    if strategy.freezes_parameters:
         # HFT (and svd_orthogonal with freeze_untargeted) freeze parameters after DDP has
         # wrapped the model; DDP must then find the ones that get no gradient.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
@@ -74,12 +69,12 @@ def load_config(raw: DictConfig) -> tuple[DictConfig, bool]:
     (a resumed run continues with exactly the settings it started with)."""
     resume = raw.get("resume")
     if not resume:
-        return check_strategy_options(validate(raw)), False
+        return validate(raw), False
     saved = Path(resume) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume={resume!r}: no config.yaml there; point resume at a run folder "
                           "(results/<experiment>/<run>/)")
-    cfg = check_strategy_options(validate(OmegaConf.load(saved)))
+    cfg = validate(OmegaConf.load(saved))
     cfg.resume = str(resume)
     return cfg, True
 
@@ -99,6 +94,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     from accelerate.utils import broadcast_object_list
 
     cfg, resuming = load_config(raw)  # fails fast, before any model is built
+    strategy = build_checked_strategy(cfg)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg))
         return {}
@@ -108,7 +104,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     from cl_runner.tracking import discard_unstarted_run, make_tracker
 
     configure_ops(cfg.ops)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, strategy)
     # Rank 0 makes the one run folder; the other ranks learn its path from rank 0.
     holder = [str(make_run_dir(cfg, resuming)) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
@@ -121,7 +117,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     ok = False
     loop = None
     try:
-        loop = ContinualLoop(cfg, run_dir, tracker, accelerator)
+        loop = ContinualLoop(cfg, run_dir, tracker, accelerator, strategy=strategy)
         progress = loop.run(resume=resuming)
         metrics = finish_run(loop, progress, time.perf_counter() - started, tracker)
         ok = True

@@ -25,7 +25,7 @@ from cl_runner.checkpoint import Progress, latest_checkpoint, load_checkpoint, s
 from cl_runner.evaluation.predict import predict
 from cl_runner.label_space import LabelSpace
 from cl_runner.models import build_model
-from cl_runner.strategies import StrategyContext, build_strategy
+from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
 from cl_runner.streams.build import build_stream
 from cl_runner.streams.task import Example, Task, TaskStream
 from cl_runner.tracking import Tracker, write_predictions
@@ -70,7 +70,8 @@ def check_scorers(stream: TaskStream) -> None:
 
 
 class ContinualLoop:
-    def __init__(self, cfg: Any, run_dir: Path, tracker: Tracker, accelerator: Optional[Accelerator] = None) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, tracker: Tracker, accelerator: Optional[Accelerator] = None,
+                 strategy: Optional[StrategyStack] = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.tracker = tracker
@@ -84,7 +85,8 @@ class ContinualLoop:
         self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,
                                 device=self.accelerator.device)
         self.model = self.accelerator.prepare(self.bundle.model)
-        self.strategy = build_strategy(cfg)
+        # cl-run builds (and checks) the stack before the run folder exists and hands it in.
+        self.strategy = strategy if strategy is not None else build_strategy(cfg)
         self.strategy.setup(StrategyContext(
             accelerator=self.accelerator, model=self.model, stream=self.stream,
             model_kind=self.bundle.kind, model_family=self.bundle.family, seed=cfg.seed,

@@ -112,7 +112,7 @@ def flatten(node, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def load_config(run_folder: Path) -> dict[str, str]:
+def load_run_config(run_folder: Path) -> dict[str, str]:
     """The run's config.yaml, flattened; empty when it is missing or unreadable (the
     comparison then simply cannot say what the run's settings were)."""
     import yaml  # PyYAML comes with omegaconf
@@ -174,7 +174,7 @@ def load_run(path: Path) -> RunResult:
         wall_time_s=_number(data.get("wall_time_s"), "wall_time_s", path),
         peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
         strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
-        config=load_config(path.parent),
+        config=load_run_config(path.parent),
     )
 
 

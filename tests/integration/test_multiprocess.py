@@ -64,8 +64,8 @@ def test_two_processes_match_one_with_the_same_global_batch(case, tmp_path):
         # gradients, so the weights agree to ~1e-4 relative, not bit for bit.
         assert gap < 5e-3, (name, float(gap))
 
-    for task in ("reverse", "increment"):
-        lines = (two_dir / "predictions" / f"task_{1 if task == 'reverse' else 2}_after_2.jsonl").read_text().splitlines()
+    for k, task in enumerate(("reverse", "increment"), start=1):
+        lines = (two_dir / "predictions" / f"task_{k}_after_2.jsonl").read_text().splitlines()
         assert len(lines) == 10, f"{task}: predictions of both ranks gathered"
 
 
