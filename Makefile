@@ -2,18 +2,33 @@
 # default; GPU users pass e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
 TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
+# The versions the test suite last passed with (pip constraints; pyproject keeps ranges).
+# CONSTRAINTS= installs the newest releases instead (torch still from TORCH_SPEC).
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cl-runner-installed
+# What pip is given: CONSTRAINTS without its torch line, plus the torch that TORCH_SPEC
+# just installed, so no later step can swap torch for another build (an unpinned torch
+# from PyPI is a multi-GB CUDA wheel).
+PIP_CONSTRAINTS := $(VENV)/.cl-runner-constraints.txt
+# Without pins, upgrade what the venv already has: newest means newest.
+NEWEST := $(if $(CONSTRAINTS),,--upgrade --upgrade-strategy eager)
+# CONSTRAINTS or TORCH_SPEC given on the command line: install again, even if done before.
+REINSTALL := $(if $(filter command line,$(origin CONSTRAINTS) $(origin TORCH_SPEC)),FORCE)
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast test-latest constraints bench clean FORCE
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(REINSTALL)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
-	$(PY) -m pip install -q $(TORCH_SPEC) numpy
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	{ $(if $(CONSTRAINTS),grep -v '^torch[=<>!~ ;]' $(CONSTRAINTS);) \
+	  $(PY) -c "from importlib.metadata import version; print('torch==' + version('torch'))"; } > $(PIP_CONSTRAINTS)
+	$(PY) -m pip install -q $(NEWEST) -c $(PIP_CONSTRAINTS) numpy
+	$(PY) -m pip install -q $(NEWEST) -c $(PIP_CONSTRAINTS) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 run: install
@@ -24,6 +39,15 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Drift on purpose: the newest releases in their own venv, then the whole suite.
+test-latest:
+	$(MAKE) test VENV=$(LATEST_VENV) CONSTRAINTS=
+
+# After a suite passed in VENV: pin what it ran with (make constraints VENV=.venv-latest).
+constraints:
+	test -x $(PY)
+	$(PY) scripts/freeze_constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 bench: install
 	$(PY) scripts/bench_projection.py
