@@ -4,13 +4,16 @@
 
 Every `metrics.json` under the given paths (a run folder holds `config.yaml` and
 `metrics.json`) becomes one row: run, model, stream, strategy, ACC, gap, BWT, FWT, F,
-LA, time, memory. Rows are grouped by task stream. Runs of one strategy that differ in
-their settings (a sweep) are told apart in the strategy column by what differs, read
-from each run's config.yaml: `ewc (ewc_lambda=0.1)`. In each stream the multitask run
-(strategy name starting with "multitask") of the same model is the upper-bound
-reference: its gap column reads "ref" and every other run's gap is its ACC minus the
-reference's. `comparison.csv` (raw numbers) and `comparison.png` (ACC curves and final
-metrics) are written to --out, by default the first PATH.
+LA, time, memory. Rows are grouped by stream and task list (the ordered task names), so
+only runs over the same tasks are compared. Runs of one strategy that differ in their
+settings (a sweep) are told apart in the strategy column by what differs, read from each
+run's config.yaml: `ewc (ewc_lambda=0.1)`. In each group the multitask run (strategy
+name starting with "multitask") of the same model is the upper-bound reference: its gap
+column reads "ref" and every other run's gap is its ACC minus the reference's. Under
+each group a note names what differs in the runs' recorded environments (versions,
+devices, threads). A run folder without metrics.json (a run stopped or still running)
+is named as left out. `comparison.csv` (raw numbers) and `comparison.png` (ACC curves
+and final metrics) are written to --out, by default the first PATH.
 """
 from __future__ import annotations
 
@@ -48,9 +51,16 @@ class RunResult:
     wall_time_s: Optional[float] = None
     peak_memory_bytes: Optional[float] = None
     strategy_extra_bytes: Optional[float] = None
-    reference: Optional["RunResult"] = None  # the multitask run of its stream and model
+    reference: Optional["RunResult"] = None  # the multitask run of its group and model
     config: dict = field(default_factory=dict)  # the run's config.yaml, flattened to dotted keys
     settings: str = ""  # what sets it apart from runs of the same strategy (a sweep's values)
+    tasks: Optional[tuple] = None  # the ordered task names (metrics.json, else R.csv)
+    environment: dict = field(default_factory=dict)  # metrics.json's, else environment.json
+
+    @property
+    def group(self) -> tuple:
+        """Runs are compared when they trained the same stream's tasks in the same order."""
+        return (self.stream, self.tasks or ())
 
     @property
     def is_multitask(self) -> bool:
@@ -130,11 +140,11 @@ _NOT_SETTINGS = ("output_dir", "resume", "experiment_name", "dry_run", "logger."
 
 
 def describe_differences(runs: Sequence[RunResult]) -> None:
-    """Among runs of one stream and strategy (a sweep), name the settings that differ:
+    """Among runs of one group and strategy (a sweep), name the settings that differ:
     `ewc (ewc_lambda=0.1)` rather than two rows that read `ewc`."""
-    families: dict[tuple[str, str], list[RunResult]] = {}
+    families: dict[tuple, list[RunResult]] = {}
     for run in runs:
-        families.setdefault((run.stream, run.strategy), []).append(run)
+        families.setdefault((run.group, run.strategy), []).append(run)
     for family in families.values():
         if len(family) < 2 or not all(r.config for r in family):
             continue
@@ -143,6 +153,24 @@ def describe_differences(runs: Sequence[RunResult]) -> None:
                      and len({r.config.get(k) for r in family}) > 1]
         for run in family:
             run.settings = ", ".join(f"{k.removeprefix('strategy.')}={run.config.get(k, '-')}" for k in differing)
+
+
+def tasks_from_accuracy_csv(run_folder: Path) -> Optional[list[str]]:
+    """The task names from R.csv's header (tasks_learned, after, <task>...)."""
+    try:
+        with open(run_folder / "R.csv", newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except OSError:
+        return None
+    return header[2:] if header[:2] == ["tasks_learned", "after"] and len(header) > 2 else None
+
+
+def load_environment(run_folder: Path) -> dict:
+    try:
+        data = json.loads((run_folder / "environment.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_run(path: Path) -> RunResult:
@@ -157,7 +185,10 @@ def load_run(path: Path) -> RunResult:
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)} (is this a cl-run metrics.json?)")
     tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        tasks = tasks_from_accuracy_csv(path.parent)
     steps = data.get("ACC_per_step") or []
+    environment = data.get("environment")
     return RunResult(
         path=path,
         run_id=str(data.get("run_id") or path.parent.name),
@@ -175,22 +206,56 @@ def load_run(path: Path) -> RunResult:
         peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
         strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
         config=load_run_config(path.parent),
+        tasks=tuple(str(t) for t in tasks) if isinstance(tasks, list) else None,
+        environment=environment if isinstance(environment, dict) else load_environment(path.parent),
     )
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A folder cl-run made: its config.yaml is a resolved run config (not a Hydra
+    primary config with `defaults:`, nor W&B's), or it has an environment.json."""
+    if (folder / "environment.json").is_file():
+        return True
+    import yaml
+
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    # W&B keeps its own config.yaml ({key: {value: ...}}) inside the run's wandb/ folder.
+    return (isinstance(config, dict) and isinstance(config.get("experiment_name"), str)
+            and all(isinstance(config.get(k), dict) for k in ("task_stream", "strategy")))
+
+
+def find_unfinished_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run folders at or under the paths that have no metrics.json: runs that were
+    stopped (killed, failed) or are still running. Each once, in path order."""
+    found: dict[Path, Path] = {}
+    for path in paths:
+        if not path.is_dir():
+            continue
+        for config in sorted(path.rglob("config.yaml")):
+            folder = config.parent
+            if "wandb" in config.relative_to(path).parts:
+                continue  # W&B's own files inside a run folder
+            if not (folder / METRICS_FILE).exists() and _is_run_folder(folder):
+                found.setdefault(folder.resolve(), folder)
+    return list(found.values())
+
+
 def attach_references(runs: Sequence[RunResult]) -> None:
-    """Point every run at the multitask run of the same stream and model (the best ACC
-    if there are several); runs of a model without one keep `reference = None`."""
-    best: dict[tuple[str, str], RunResult] = {}
+    """Point every run at the multitask run of the same group (stream and task list) and
+    model (the best ACC if there are several); runs without one keep `reference = None`."""
+    best: dict[tuple, RunResult] = {}
     for run in runs:
         if not run.is_multitask:
             continue
-        key = (run.stream, run.model)
+        key = (run.group, run.model)
         current = best.get(key)
         if current is None or (run.ACC is not None and (current.ACC is None or run.ACC > current.ACC)):
             best[key] = run
     for run in runs:
-        run.reference = best.get((run.stream, run.model))
+        run.reference = best.get((run.group, run.model))
 
 
 # --- ordering and formatting ----------------------------------------------------------
@@ -221,11 +286,26 @@ def sort_runs(runs: Sequence[RunResult], key: str) -> list[RunResult]:
     return sorted(present, key=get, reverse=descending) + absent
 
 
-def group_by_stream(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
-    groups: dict[str, list[RunResult]] = {}
+def group_runs(runs: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
+    """Runs by (stream, task list): a 2-task run is never compared with a 3-task one."""
+    groups: dict[tuple, list[RunResult]] = {}
     for run in runs:
-        groups.setdefault(run.stream, []).append(run)
-    return {stream: groups[stream] for stream in sorted(groups)}
+        groups.setdefault(run.group, []).append(run)
+    return {key: groups[key] for key in sorted(groups, key=lambda k: (k[0], len(k[1]), k[1]))}
+
+
+def group_label(group: tuple, short: bool = False) -> str:
+    """`synthetic: reverse, shift_letters, increment`; a long list is cut in the middle
+    (`cl_long_order4: mnli, cb, wic, ..., yelp, amazon (15 tasks)`); `short`: the
+    stream and the task count only."""
+    stream, tasks = group
+    if not tasks:
+        return stream
+    count = f"{len(tasks)} task" + ("s" if len(tasks) != 1 else "")
+    if short:
+        return f"{stream} ({count})"
+    names = list(tasks) if len(tasks) <= 6 else [*tasks[:3], "...", *tasks[-2:]]
+    return f"{stream}: {', '.join(names)}" + (f" ({count})" if len(tasks) > 6 else "")
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -292,19 +372,60 @@ def render_markdown(rows: Sequence[Sequence[str]]) -> str:
 def _reference_note(runs: Sequence[RunResult]) -> str:
     refs = [r for r in runs if r.is_reference]
     if not refs:
-        return "no multitask run in this stream: no upper-bound reference, gap not available"
+        return "no multitask run over these tasks: no upper-bound reference, gap not available"
     listed = ", ".join(f"{r.run_id} (model {r.model}, ACC {_fmt(r.ACC)})" for r in refs)
     return f"ref = multitask upper bound, per model: {listed}; gap = ACC - ref ACC"
+
+
+# Environment entries compared between runs (the host name, command line and start time
+# always differ and change nothing measured).
+ENVIRONMENT_KEYS = ("cl_runner", "git_commit", "git_dirty", "python", "torch", "transformers", "accelerate",
+                    "datasets", "peft", "cuda", "cudnn", "device_names", "cpu", "cpu_count", "torch_threads",
+                    "world_size")
+
+
+def _environment_value(key: str, value) -> str:
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "+".join(str(v) for v in value)
+    return str(value)[:10] if key == "git_commit" else str(value)
+
+
+def environment_note(runs: Sequence[RunResult]) -> str:
+    """`environment differs: torch 2.13.0 vs 2.14.1 (run-c), torch_threads 2 vs 1 (run-c)`:
+    the most common value first; every value but a majority's names its runs. Empty
+    when the recorded environments agree (or fewer than two runs recorded one)."""
+    recorded = [r for r in runs if r.environment]
+    if len(recorded) < 2:
+        return ""
+    parts = []
+    for key in ENVIRONMENT_KEYS:
+        holders: dict[str, list[str]] = {}
+        for run in recorded:
+            holders.setdefault(_environment_value(key, run.environment.get(key)), []).append(run.run_id)
+        if len(holders) < 2:
+            continue
+        ordered = sorted(holders, key=lambda v: -len(holders[v]))  # stable: ties keep table order
+        shown = [v if 2 * len(holders[v]) > len(recorded) else f"{v} ({', '.join(holders[v])})" for v in ordered]
+        parts.append(f"{key} {' vs '.join(shown)}")
+    missing = [r.run_id for r in runs if not r.environment]
+    note = f"environment differs: {', '.join(parts)}" if parts else ""
+    if parts and missing:
+        note += f"; not recorded for {', '.join(missing)}"
+    return note
 
 
 CSV_COLUMNS = (
     "stream", "model", "strategy", "run", "ACC", "gap_to_multitask", "reference_run", "BWT", "FWT",
     "forgetting", "LA", "num_tasks", "wall_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
-    "settings",
+    "settings", "tasks",
 )
 
 
-def csv_text(groups: dict[str, list[RunResult]]) -> str:
+def csv_text(groups: dict[tuple, list[RunResult]]) -> str:
     """Raw numbers (empty cell for null), one row per run, in the table's order."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -315,6 +436,7 @@ def csv_text(groups: dict[str, list[RunResult]]) -> str:
                 r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
                 r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
                 r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path, r.settings,
+                " ".join(r.tasks) if r.tasks else None,
             ]
             writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()
@@ -324,24 +446,26 @@ def _count(runs: Sequence[RunResult]) -> str:
     return "1 run" if len(runs) == 1 else f"{len(runs)} runs"
 
 
-def render(groups: dict[str, list[RunResult]], fmt: str) -> str:
+def render(groups: dict[tuple, list[RunResult]], fmt: str) -> str:
     """The comparison as text in `fmt` (table, markdown or csv)."""
     if fmt == "csv":
         return csv_text(groups).rstrip("\n")
     blocks = []
-    for stream, runs in groups.items():
+    for group, runs in groups.items():
         rows = [table_row(r) for r in runs]
+        notes = "\n".join(n for n in (_reference_note(runs), environment_note(runs)) if n)
         if fmt == "markdown":
-            blocks.append(f"### {stream} ({_count(runs)})\n\n{render_markdown(rows)}\n\n{_reference_note(runs)}")
+            notes = notes.replace("\n", "\n\n")
+            blocks.append(f"### {group_label(group)} ({_count(runs)})\n\n{render_markdown(rows)}\n\n{notes}")
         else:
-            blocks.append(f"== stream: {stream} ({_count(runs)}) ==\n{render_table(rows)}\n{_reference_note(runs)}")
+            blocks.append(f"== {group_label(group)} ({_count(runs)}) ==\n{render_table(rows)}\n{notes}")
     return "\n\n".join(blocks)
 
 
-def _plot_labels(runs: Sequence[RunResult], several_streams: bool) -> dict[str, dict]:
+def _plot_labels(runs: Sequence[RunResult], several_groups: bool) -> dict[str, dict]:
     labelled: dict[str, dict] = {}
     for run in runs:
-        label = f"{run.stream} / {run.label}" if several_streams else run.label
+        label = f"{group_label(run.group, short=True)} / {run.label}" if several_groups else run.label
         base, n = label, 2
         while label in labelled:  # two runs with the same id and strategy
             label, n = f"{base} #{n}", n + 1
@@ -356,11 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cl-report",
         description="Compare continual-learning runs: finds every metrics.json under PATH and prints "
-        "one row per run, grouped by task stream, with the multitask run as the upper bound.",
+        "one row per run, grouped by stream and task list, with the multitask run as the upper bound.",
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run folders, folders of runs, or metrics.json files")
     parser.add_argument("--out", type=Path, default=None, help="where comparison.csv and comparison.png go (default: the first PATH)")
-    parser.add_argument("--sort", default="ACC", choices=sorted(SORT_KEYS), help="order of the rows within a stream (default: ACC, best first)")
+    parser.add_argument("--sort", default="ACC", choices=sorted(SORT_KEYS), help="order of the rows within a group (default: ACC, best first)")
     parser.add_argument("--format", dest="fmt", default="table", choices=("table", "csv", "markdown"), help="what is printed (default: table)")
     return parser
 
@@ -379,6 +503,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runs.append(load_run(path))
         except ValueError as err:
             print(f"cl-report: skipping {err}", file=sys.stderr)
+    for folder in find_unfinished_runs(args.paths):
+        print(f"cl-report: left out {folder}: no metrics.json (the run was stopped or is still running; "
+              f"continue it with cl-run resume={folder})", file=sys.stderr)
     if not runs:
         where = ", ".join(str(p) for p in args.paths)
         what = "no readable metrics.json" if files else "no metrics.json"
@@ -391,7 +518,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     attach_references(runs)
     describe_differences(runs)
-    groups = {stream: sort_runs(group, args.sort) for stream, group in group_by_stream(runs).items()}
+    groups = {key: sort_runs(group, args.sort) for key, group in group_runs(runs).items()}
     print(render(groups, args.fmt))
 
     first = args.paths[0]

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import shutil
 
 import pytest
 
@@ -58,14 +59,17 @@ def test_plot_run_comparison(tmp_path):
 # --- cl-report ------------------------------------------------------------------------
 
 
-def _write_run(folder, run_id, strategy, R, stream="synthetic", model="tiny-gpt2", wall=34.2, memory=512 * 2**20):
+def _write_run(folder, run_id, strategy, R, stream="synthetic", model="tiny-gpt2", wall=34.2, memory=512 * 2**20,
+               tasks=TASKS, environment=None):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"strategy: {strategy}\n")
-    metrics = summarize(R, TASKS)
+    metrics = summarize(R, tasks)
     metrics.update(
-        run_id=run_id, strategy=strategy, task_stream=stream, model=model, tasks=TASKS, R=R,
+        run_id=run_id, strategy=strategy, task_stream=stream, model=model, tasks=tasks, R=R,
         wall_time_s=wall, peak_memory_bytes=memory, strategy_extra_bytes=0,
     )
+    if environment is not None:
+        metrics["environment"] = environment
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -84,7 +88,7 @@ def test_report_table(two_runs, tmp_path, capsys):
     assert main([str(two_runs), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
-    assert lines[0] == "== stream: synthetic (2 runs) =="
+    assert lines[0] == "== synthetic: reverse, sort, increment (2 runs) =="
     header = lines[1].split()
     assert header == ["run", "model", "stream", "strategy", "ACC", "gap", "BWT", "FWT", "F", "LA", "time", "memory"]
     mt_row, seq_row = lines[3].split(), lines[4].split()  # sorted by ACC, best first
@@ -124,7 +128,7 @@ def test_report_defaults_out_to_first_path(two_runs):
 def test_report_markdown_and_csv_formats(two_runs, tmp_path, capsys):
     assert main([str(two_runs), "--out", str(tmp_path), "--format", "markdown"]) == 0
     text = capsys.readouterr().out
-    assert "### synthetic (2 runs)" in text
+    assert "### synthetic: reverse, sort, increment (2 runs)" in text
     assert "| mt-s0 | tiny-gpt2 | synthetic | multitask | 0.967 | ref |" in text
     assert main([str(two_runs), "--out", str(tmp_path), "--format", "csv"]) == 0
     printed = capsys.readouterr().out
@@ -136,10 +140,10 @@ def test_report_sort_and_groups(two_runs, tmp_path, capsys):
     _write_run(two_runs / "other", "other-s0", "seq_ft", R_SEQ, stream="trace")
     assert main([str(two_runs), "--out", str(tmp_path), "--sort", "time"]) == 0
     text = capsys.readouterr().out
-    assert text.index("== stream: synthetic") < text.index("== stream: trace (1 run) ==")
-    synthetic = text.split("== stream: trace")[0]
+    assert text.index("== synthetic: ") < text.index("== trace: reverse, sort, increment (1 run) ==")
+    synthetic = text.split("== trace:")[0]
     assert synthetic.index("seq-s0") < synthetic.index("mt-s0")  # shortest time first
-    assert "no multitask run in this stream" in text
+    assert "no multitask run over these tasks" in text
 
 
 def test_report_gap_only_against_the_same_model(two_runs, tmp_path, capsys):
@@ -201,3 +205,87 @@ def test_report_names_what_differs_within_a_sweep(tmp_path, capsys):
     assert main([str(root), "--out", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "ewc (ewc_lambda=0.1)" in text and "ewc (ewc_lambda=10.0)" in text
+
+
+def test_report_groups_by_task_list_not_stream_name(two_runs, tmp_path, capsys):
+    """A 2-task run of the same stream (task_stream.order=[reverse,sort]) is not compared
+    with the 3-task multitask run: its own group, no reference, no gap. A run whose
+    metrics.json lacks the task list is grouped by its R.csv header."""
+    two = ["reverse", "sort"]
+    _write_run(two_runs / "short", "short-s0", "seq_ft", [[0.0, 0.0], [1.0, 0.0], [0.1, 1.0]], tasks=two)
+    old = two_runs / "old"
+    _write_run(old, "old-s0", "seq_ft", R_SEQ)
+    data = json.loads((old / "metrics.json").read_text())
+    del data["tasks"]
+    (old / "metrics.json").write_text(json.dumps(data))
+    (old / "R.csv").write_text("tasks_learned,after,reverse,sort,increment\n0,before training,0,0,0\n")
+    assert main([str(two_runs), "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    short_block = text.split("== synthetic: reverse, sort (1 run) ==")[1]
+    assert short_block.splitlines()[3].split()[:6] == ["short-s0", "tiny-gpt2", "synthetic", "seq_ft", "0.550", "-"]
+    assert "no multitask run over these tasks" in short_block
+    three_block = text.split("== synthetic: reverse, sort, increment (3 runs) ==")[1].split("==")[0]
+    assert "old-s0" in three_block and "short-s0" not in three_block
+    with open(tmp_path / "comparison.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["short-s0"]["tasks"] == "reverse sort" and rows["short-s0"]["gap_to_multitask"] == ""
+    assert rows["old-s0"]["gap_to_multitask"] != ""
+
+
+def test_report_long_task_lists_read_short():
+    from cl_runner.report import group_label
+
+    names = tuple(f"t{i}" for i in range(15))
+    assert group_label(("cl_long", names)) == "cl_long: t0, t1, t2, ..., t13, t14 (15 tasks)"
+    assert group_label(("cl_long", names), short=True) == "cl_long (15 tasks)"
+    assert group_label(("custom", ())) == "custom"
+
+
+def test_report_notes_where_the_environments_differ(tmp_path, capsys):
+    root = tmp_path / "runs"
+    env = {"cl_runner": "0.1.0", "git_commit": "a" * 40, "git_dirty": False, "python": "3.11.7",
+           "torch": "2.13.0", "transformers": "5.24.0", "peft": None, "device_names": [], "cpu": "Xeon",
+           "torch_threads": 2, "world_size": 1, "hostname": "node1", "command": "cl-run"}
+    _write_run(root / "a", "a", "seq_ft", R_SEQ, environment=env)
+    _write_run(root / "b", "b", "ewc", R_SEQ, environment={**env, "hostname": "node2", "command": "cl-run x"})
+    _write_run(root / "c", "c", "multitask", R_MT,
+               environment={**env, "torch": "2.14.1", "torch_threads": 1, "git_dirty": True})
+    (root / "d").mkdir()  # an older run: environment.json beside metrics.json only
+    _write_run(root / "d" / "run", "d", "hft", R_SEQ)
+    (root / "d" / "run" / "environment.json").write_text(json.dumps(env))
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("environment differs"))
+    assert note == ("environment differs: git_dirty false vs true (c), torch 2.13.0 vs 2.14.1 (c), "
+                    "torch_threads 2 vs 1 (c)")  # host names and command lines do not count
+    _write_run(tmp_path / "same" / "a", "a", "seq_ft", R_SEQ, environment=env)
+    _write_run(tmp_path / "same" / "b", "b", "ewc", R_SEQ, environment=env)
+    _write_run(tmp_path / "same" / "c", "c", "hft", R_SEQ)  # none recorded
+    assert main([str(tmp_path / "same"), "--out", str(tmp_path / "out"), "--format", "markdown"]) == 0
+    assert "environment differs" not in capsys.readouterr().out
+
+
+def test_report_names_run_folders_left_out_for_lack_of_metrics(two_runs, tmp_path, capsys):
+    killed = two_runs / "2024-01-02_killed"
+    killed.mkdir()
+    (killed / "config.yaml").write_text(json.dumps({"experiment_name": "default", "seed": 0,
+                                                    "task_stream": {"name": "synthetic"}, "strategy": {"name": "ewc"}}))
+    wandb_files = two_runs / "2024-01-01_seq" / "wandb" / "offline-run-1" / "files"
+    wandb_files.mkdir(parents=True)  # W&B's own config.yaml is no run folder
+    (wandb_files / "config.yaml").write_text("task_stream: {value: {}}\nstrategy: {value: {}}\n")
+    (two_runs / "configs").mkdir()  # nor is a Hydra config tree
+    (two_runs / "configs" / "config.yaml").write_text("defaults:\n  - model: tiny_gpt2\n")
+    started = two_runs / "2024-01-03_started"
+    started.mkdir()
+    (started / "config.yaml").write_text("{}")
+    (started / "environment.json").write_text("{}")
+    assert main([str(two_runs), "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    left_out = [line for line in err.splitlines() if "left out" in line]
+    assert len(left_out) == 2, err
+    assert "2024-01-02_killed: no metrics.json" in left_out[0] and "resume=" in left_out[0]
+    assert "2024-01-03_started" in left_out[1]
+    only_killed = tmp_path / "only"
+    shutil.copytree(killed, only_killed / "killed")
+    assert main([str(only_killed)]) == 1
+    err = capsys.readouterr().err
+    assert "left out" in err and "no metrics.json found" in err
