@@ -98,6 +98,9 @@ def execute(raw: DictConfig) -> dict[str, Any]:
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg))
         return {}
+    from cl_runner.environment import apply_cpu_threads, record_environment
+
+    apply_cpu_threads(cfg.trainer.cpu_threads)  # first, before any parallel work in this process
     from cl_runner.loop import ContinualLoop
     from cl_runner.ops_setup import configure_ops
     from cl_runner.outputs import finish_run
@@ -111,6 +114,7 @@ def execute(raw: DictConfig) -> dict[str, Any]:
         broadcast_object_list(holder)
     run_dir = Path(holder[0])
     if accelerator.is_main_process:
+        record_environment(run_dir, accelerator)  # at once: a run killed later has it too
         print(f"[cl-run] run folder: {run_dir}", flush=True)
     tracker = make_tracker(cfg.logger, run_dir, run_dir.name, OmegaConf.to_container(cfg), accelerator.is_main_process)
     started = time.perf_counter()

@@ -96,6 +96,9 @@ class TrainerConfig:
     keep_checkpoints: int = 1
     log_every_steps: int = 10
     progress_bar: bool = True
+    # torch's CPU threads per process (intra- and inter-op); None = torch's default.
+    # Keeps a CPU run on a shared node from using every core.
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -179,6 +182,8 @@ def _merge(schema: type, node: Any, key: str) -> DictConfig:
         raise ConfigError(f"unknown config key '{key}.{bad}': {hint}known keys of '{key}': {', '.join(known)}") from None
     except OmegaConfBaseException as err:
         full = f"{key}.{err.key}" if getattr(err, "key", None) else key
+        if key == "run" and getattr(err, "key", None):  # top-level settings are named as typed: 'seed'
+            full = str(err.key)
         msg = str(err).splitlines()[0]
         raise ConfigError(f"bad value for '{full}': {msg}") from None
     return merged
@@ -203,6 +208,9 @@ def _check_ranges(cfg: DictConfig) -> None:
     _check(tr.max_grad_norm is None or tr.max_grad_norm > 0, "trainer.max_grad_norm", tr.max_grad_norm, "use a positive number or null to disable clipping")
     _check(tr.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps", tr.checkpoint_every_steps, "use 0 (task boundaries only) or a positive step count")
     _check(tr.keep_checkpoints >= 1, "trainer.keep_checkpoints", tr.keep_checkpoints, "keep at least 1")
+    _check(tr.cpu_threads is None or tr.cpu_threads >= 1, "trainer.cpu_threads", tr.cpu_threads,
+           "use a positive number of threads, or null for torch's default")
+    _check(0 <= cfg.seed < 2**32, "seed", cfg.seed, "use an integer in [0, 2**32)")
     epochs = tr.epochs
     if OmegaConf.is_list(epochs):
         _check(all(float(e) > 0 for e in epochs), "trainer.epochs", list(epochs), "every entry must be > 0")

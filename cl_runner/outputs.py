@@ -93,6 +93,9 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     if not loop.is_main:
         return metrics
     run_dir: Path = loop.run_dir
+    from cl_runner.environment import run_environment
+
+    metrics["environment"] = run_environment(run_dir, loop.accelerator)
     write_json(run_dir / "metrics.json", metrics)
     write_accuracy_csv(run_dir / "R.csv", progress.R, names)
     try:

@@ -45,11 +45,12 @@ def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional
 
 def discard_unstarted_run(folder: Path) -> None:
     """Undo a run folder whose run failed before training (a missing model or data folder):
-    remove what cl-run itself wrote there (config.yaml, the W&B offline files), then the
-    folder if that leaves it empty. A user's own files are never touched."""
+    remove what cl-run itself wrote there (config.yaml, environment.json, the W&B offline
+    files), then the folder if that leaves it empty. A user's own files are never touched."""
     if any((folder / m).exists() for m in RESULT_MARKERS):
         return
     (folder / "config.yaml").unlink(missing_ok=True)
+    (folder / "environment.json").unlink(missing_ok=True)
     shutil.rmtree(folder / "wandb", ignore_errors=True)
     try:
         folder.rmdir()

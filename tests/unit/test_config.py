@@ -63,6 +63,20 @@ def test_wrong_type_names_key():
         validate(compose(["trainer.batch_size=abc"]))
 
 
+@pytest.mark.parametrize("value", ["abc", "1.5", "-1", "true"])
+def test_seed_must_be_a_non_negative_integer_named_as_typed(value):
+    with pytest.raises(ConfigError, match=r"bad value for 'seed'"):
+        validate(compose([f"seed={value}"]))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "1.5", "true"])
+def test_cpu_threads_is_a_positive_integer_or_null(value):
+    with pytest.raises(ConfigError, match=r"bad value for 'trainer\.cpu_threads'"):
+        validate(compose([f"trainer.cpu_threads={value}"]))
+    assert validate(compose(["trainer.cpu_threads=2"])).trainer.cpu_threads == 2
+    assert validate(compose(["trainer=finetune"])).trainer.cpu_threads is None
+
+
 @pytest.mark.parametrize("override,key", [
     ("trainer.lr=-1", "trainer.lr"),
     ("trainer.batch_size=0", "trainer.batch_size"),
