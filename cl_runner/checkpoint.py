@@ -4,11 +4,18 @@ A checkpoint holds everything a resumed run needs to continue exactly as if it h
 stopped: weights, optimizer and scheduler state, the strategy's state, RNG states, the
 rows of R filled so far and where in the stream the run was. Writes are atomic (write a
 temporary file, then rename) so a run killed mid-save leaves the previous checkpoint.
+
+Checkpoints hold plain data only (tensors, numbers, strings, lists, tuples, dicts) and are
+read with `torch.load(weights_only=True)`, so resuming a run folder that came from
+elsewhere cannot run code: a file that holds any other pickled object is refused. A file
+that cannot be read (truncated, corrupt) is passed over for the one before it, if any.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,8 +40,35 @@ class Progress:
     global_step: int = 0
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint the run cannot use; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding pickled objects other than plain data: never loaded."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint that cannot be read (truncated, corrupt, not a cl-run checkpoint)."""
+
+
+# Checkpoints written before RNG states were stored as plain lists hold numpy's global
+# RNG state as an ndarray of uint32; exactly the types that rebuild such an array are
+# allowed on top of torch's weights_only set, so those runs still resume.
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+_LEGACY_NUMPY_GLOBALS = [_np_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+PAYLOAD_KEYS = ("progress", "model", "optimizer", "scheduler", "strategy", "rng")
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # Plain numbers, no ndarray: weights_only loading takes it as it is.
+    numpy_state = {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +76,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["kind"], np.asarray(saved["keys"], dtype=np.uint32), saved["pos"], saved["has_gauss"],
+                 saved["cached_gaussian"])
+    np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -74,8 +112,13 @@ def save_checkpoint(folder: Path, progress: Progress, model_state: dict, optimiz
 
 
 def _prune(folder: Path, keep: int, newest: Path) -> None:
-    """Keep the newest `keep` checkpoints (by progress order in the file name)."""
+    """Keep the newest `keep` checkpoints (by progress order in the file name). A file
+    further along than the one just written is left from before a fall-back past an
+    unreadable checkpoint (see `load_latest_checkpoint`): the run has moved on without it."""
     existing = sorted(p for p in folder.glob("task*.pt"))
+    for stale in (p for p in existing if p.name > newest.name):
+        stale.unlink(missing_ok=True)
+    existing = [p for p in existing if p.name <= newest.name]
     for old in existing[:-keep] if keep > 0 else []:
         if old != newest:
             old.unlink(missing_ok=True)
@@ -88,7 +131,76 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """The pickled globals in `path` that weights_only loading refuses (read statically,
+    nothing is executed); [] when the file cannot be read that far."""
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:
+        return []
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _refusal_reason(err: BaseException) -> str:
+    """torch's reason for a weights_only refusal, without its advice paragraphs."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return reasons[0].split(". ")[0][:200] if reasons else _first_line(err)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    payload["progress"] = Progress(**payload["progress"])
+    """Read one checkpoint with weights_only loading. Raises UnsafeCheckpointError for a
+    file holding other pickled objects, CorruptCheckpointError for one that cannot be read."""
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = _refusal_reason(err)
+        unsafe = _unsafe_globals(path)
+        if unsafe or "GLOBAL" in reason or "Can only build" in reason:
+            what = f"pickled {', '.join(unsafe)}" if unsafe else f"other pickled objects ({reason})"
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} refused: it holds {what}, not the plain data cl-run writes (tensors, numbers, "
+                "strings, lists, dicts); loading it could run code. Resume only run folders you trust, or delete "
+                "this file to resume from an earlier checkpoint") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable (corrupt? {reason})") from None
+    except Exception as err:  # truncated zip, empty file, I/O error
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt? "
+                                     f"{type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(payload, dict) or any(k not in payload for k in PAYLOAD_KEYS):
+        raise CorruptCheckpointError(f"checkpoint {path} is not a cl-run checkpoint (expected the keys "
+                                     f"{', '.join(PAYLOAD_KEYS)})")
+    try:
+        payload["progress"] = Progress(**payload["progress"])
+    except TypeError as err:
+        raise CorruptCheckpointError(f"checkpoint {path}: bad progress record ({err})") from None
     return payload
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else "no details"
+
+
+def load_latest_checkpoint(folder: Path, say: Any = None) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The furthest checkpoint that can be read, as (path, payload); None when there is
+    none. An unreadable file is passed over for the one before it (kept when
+    trainer.keep_checkpoints > 1), and `say` (default: stderr) is told; with none left
+    to fall back to, CorruptCheckpointError. A refused (unsafe) file stops the resume."""
+    found = sorted(folder.glob("task*.pt"), reverse=True) if folder.is_dir() else []
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    for i, path in enumerate(found):
+        try:
+            return path, load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CorruptCheckpointError as err:
+            if i + 1 == len(found):
+                raise CorruptCheckpointError(
+                    f"{err}; no earlier checkpoint to fall back to (trainer.keep_checkpoints > 1 keeps some). "
+                    "Delete it to resume from the start of the run, or start a new run") from None
+            say(f"[cl-run] warning: {err}; falling back to the previous checkpoint {found[i + 1].name}")
+    return None

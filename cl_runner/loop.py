@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from cl_runner.batching import Collator, compute_loss
-from cl_runner.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
 from cl_runner.evaluation.predict import predict
 from cl_runner.label_space import LabelSpace
 from cl_runner.models import build_model
@@ -338,10 +339,11 @@ class ContinualLoop:
     _carried_optimizer_state: Optional[dict] = None
 
     def _restore(self) -> Optional[Progress]:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
+        say = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main else (lambda line: None)
+        found = load_latest_checkpoint(self.run_dir / "checkpoints", say=say)
+        if found is None:
             return None
-        payload = load_checkpoint(path)
+        path, payload = found
         self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
         self.strategy.load_state_dict(payload["strategy"])
         self.progress = payload["progress"]
