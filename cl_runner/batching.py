@@ -42,12 +42,14 @@ class Collator:
             ids = [self.tok.bos_token_id] + ids
         return ids
 
+    def _causal_answer(self, ex: Example) -> list[int]:
+        return (self.tok.encode(ex.answer) + [self.tok.eos_token_id])[: self.max_length - 1]
+
     def _causal(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         rows, labels = [], []
         for ex in examples:
             prompt = self._prompt_ids(ex.prompt)
-            answer = self.tok.encode(ex.answer) + [self.tok.eos_token_id]
-            answer = answer[: self.max_length - 1]
+            answer = self._causal_answer(ex)
             # Keep the answer whole; cut the prompt from the left when too long.
             prompt = prompt[-(self.max_length - len(answer)):]
             rows.append(prompt + answer)
@@ -72,6 +74,28 @@ class Collator:
             mask[i, space.task_class_ids(ex.task)] = True
         labels = torch.tensor([space.class_id(ex.task, ex.answer) for ex in examples])
         return {**dict(enc), "labels": labels, "label_mask": mask}
+
+    # -- prompts that do not fit ---------------------------------------------------
+    def count_cut(self, examples: list[Example], room: Optional[int] = None) -> int:
+        """How many prompts of `examples` are cut to fit model.max_length: in training
+        batches (`room` None; a causal prompt shares the length with its answer), or as
+        generation inputs leaving `room` new tokens. Same arithmetic as the cutting."""
+        if not examples:
+            return 0
+        if self.kind == "classifier":
+            encoded = self.tok.hf([ex.prompt for ex in examples], truncation=False, verbose=False)
+            return sum(len(ids) > self.max_length for ids in encoded["input_ids"])
+        if self.kind == "seq2seq":
+            return sum(len(self.tok.encode(ex.prompt)) > self.max_length - 1 for ex in examples)
+        cut = 0
+        for ex in examples:
+            keep = self.max_length - len(self._causal_answer(ex)) if room is None else max(1, self.max_length - room)
+            cut += len(self._prompt_ids(ex.prompt)) > keep
+        return cut
+
+    @property
+    def cut_side(self) -> str:
+        return "from the left: their start is dropped" if self.kind == "causal" else "at the end"
 
     # -- generation inputs (left-padded prompts) -------------------------------------
     def prompts(self, examples: list[Example], room: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ naming the key and a fix. Strategy schemas live with their strategies (registry)
 from __future__ import annotations
 
 import difflib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -201,7 +203,7 @@ def _check_ranges(cfg: DictConfig) -> None:
     tr = cfg.trainer
     _check(tr.batch_size >= 1, "trainer.batch_size", tr.batch_size, "use a positive integer")
     _check(tr.grad_accum >= 1, "trainer.grad_accum", tr.grad_accum, "use a positive integer")
-    _check(tr.lr > 0, "trainer.lr", tr.lr, "use a positive learning rate")
+    _check(math.isfinite(tr.lr) and tr.lr > 0, "trainer.lr", tr.lr, "use a positive, finite learning rate")
     _check(tr.weight_decay >= 0, "trainer.weight_decay", tr.weight_decay, "use a value >= 0")
     _check(0 <= tr.warmup_ratio < 1, "trainer.warmup_ratio", tr.warmup_ratio, "use a value in [0, 1)")
     _check(tr.steps_per_task is None or tr.steps_per_task >= 1, "trainer.steps_per_task", tr.steps_per_task, "use a positive integer or null")
@@ -267,4 +269,83 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"'{addon}.enabled' is true but the {addon} add-on is not installed")
     cfg_out = OmegaConf.create(out)
     _check_ranges(cfg_out)
+    check_run_shape(cfg_out)
     return cfg_out
+
+
+# ----------------------------------------------------- checks that span several groups
+# Keys of a transformers model config that hold its number of (absolute) positions.
+POSITION_LIMIT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def position_limit(model_config: Any) -> Optional[tuple[int, str]]:
+    """(positions, key) from a model config (a mapping such as model.architecture_config,
+    or a transformers config); None when it names none (T5's relative positions)."""
+    for key in POSITION_LIMIT_KEYS:
+        value = model_config.get(key) if isinstance(model_config, Mapping) else getattr(model_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_lengths(cfg: Any, limit: Optional[tuple[int, str]], source: str) -> None:
+    """model.max_length against the model's positions (`source`: where `limit` was read),
+    and a fixed generation budget against model.max_length."""
+    m, ev = cfg.model, cfg.evaluation
+    if limit is not None:
+        positions, key = limit
+        _check(m.max_length <= positions, "model.max_length", m.max_length,
+               f"the model has {positions} positions ({source}.{key}); use model.max_length<={positions}")
+    if m.kind == "causal" and ev.max_new_tokens is not None:
+        _check(ev.max_new_tokens < m.max_length, "evaluation.max_new_tokens", ev.max_new_tokens,
+               f"the answer is generated after the prompt within model.max_length={m.max_length}; use at most "
+               f"{m.max_length - 1}, or null for each task's own budget, or raise model.max_length")
+
+
+def check_task_budget(cfg: Any, task_name: str, budget: int) -> None:
+    """A task's own generation budget (evaluation.max_new_tokens=null) must leave room
+    for the prompt within model.max_length."""
+    m = cfg.model
+    if m.kind == "causal" and budget >= m.max_length:
+        raise ConfigError(f"task '{task_name}' generates up to {budget} new tokens (its max_new_tokens), which leaves "
+                          f"no room for the prompt within model.max_length={m.max_length}; raise model.max_length "
+                          f"or set evaluation.max_new_tokens below {m.max_length}")
+
+
+def check_epochs(trainer: Any, task_names: list[str]) -> None:
+    """A list of epochs needs one entry per task (unless steps_per_task replaces it)."""
+    epochs = trainer.epochs
+    if trainer.steps_per_task is not None or isinstance(epochs, (int, float)):
+        return
+    epochs = list(epochs)
+    _check(len(epochs) == len(task_names), "trainer.epochs", epochs,
+           f"the stream has {len(task_names)} task(s) ({', '.join(task_names)}): give one entry per task, "
+           "or one number for every task")
+
+
+def check_run_shape(cfg: DictConfig) -> None:
+    """What one group's schema cannot see: the tasks the stream will have against
+    trainer.epochs, the generation budget against model.max_length, and model.max_length
+    against the model's positions where the architecture config names them. The same
+    checks run again on the built stream and model before training (loop.py)."""
+    from cl_runner.streams.build import planned_task_names
+
+    ev, m = cfg.evaluation, cfg.model
+    _check(ev.max_new_tokens is None or ev.max_new_tokens >= 1, "evaluation.max_new_tokens", ev.max_new_tokens,
+           "use a positive number of new tokens, or null for each task's own budget")
+    tr = cfg.trainer
+    for key in ("weight_decay", "adam_eps"):
+        _check(math.isfinite(tr[key]), f"trainer.{key}", tr[key], "use a finite number")
+    _check(tr.max_grad_norm is None or math.isfinite(tr.max_grad_norm), "trainer.max_grad_norm", tr.max_grad_norm,
+           "use a positive, finite number or null to disable clipping")
+    check_lengths(cfg, position_limit(m.architecture_config) if m.path is None else None,
+                  "model.architecture_config")
+    try:
+        names = planned_task_names(cfg.task_stream)
+    except ValueError as err:
+        raise ConfigError(f"task_stream.tasks: {err}") from None
+    if names is None:
+        return
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _check(not repeated, "task_stream.order", names, f"{', '.join(repeated)} appear(s) twice; each task may appear once")
+    check_epochs(tr, names)

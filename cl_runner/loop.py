@@ -23,13 +23,19 @@ from tqdm.auto import tqdm
 
 from cl_runner.batching import Collator, compute_loss
 from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
-from cl_runner.evaluation.predict import predict
+from cl_runner.config import ConfigError, check_epochs, check_lengths, check_task_budget, position_limit
+from cl_runner.evaluation.predict import generation_budget, predict
 from cl_runner.label_space import LabelSpace
 from cl_runner.models import build_model
 from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
 from cl_runner.streams.build import build_stream
+from cl_runner.streams.records import RecordError
 from cl_runner.streams.task import Example, Task, TaskStream
 from cl_runner.tracking import Tracker, write_predictions
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops (its checkpoints stay)."""
 
 
 @dataclass
@@ -79,10 +85,22 @@ class ContinualLoop:
         self.trainer = cfg.trainer
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.trainer.precision)
         set_seed(cfg.seed)
-        self.stream: TaskStream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
-        check_scorers(self.stream)
+        try:
+            self.stream: TaskStream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
+            check_scorers(self.stream)
+        except RecordError:
+            raise
+        except ValueError as err:  # a task the config asks for cannot be made: one line, no traceback
+            raise ConfigError(str(err)) from None
+        check_epochs(self.trainer, self.stream.names)
         label_space = LabelSpace(self.stream, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
         self.bundle = build_model(cfg.model, label_space)
+        # The lengths against the model as built (a loaded model's own config) and each
+        # task's generation budget, before any training or evaluation.
+        check_lengths(cfg, position_limit(self.bundle.model.config), "the model's config")
+        if cfg.model.kind != "classifier":
+            for task in self.stream:
+                check_task_budget(cfg, task.name, generation_budget(cfg.evaluation, task))
         self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,
                                 device=self.accelerator.device)
         self.model = self.accelerator.prepare(self.bundle.model)
@@ -107,6 +125,8 @@ class ContinualLoop:
     def run(self, resume: bool = False) -> Progress:
         """Train and evaluate the whole stream; returns the final progress (R inside)."""
         restored = self._restore() if resume else None
+        if self.is_main:
+            self._warn_cut_prompts()
         if not self._row_filled(0):
             self._evaluate_row(0)
         start = self.progress.task + 1 if self.progress.task_done else self.progress.task
@@ -121,6 +141,21 @@ class ContinualLoop:
             self._checkpoint()
         self._payload = None
         return self.progress
+
+    def _warn_cut_prompts(self) -> None:
+        """One line per task whose prompts do not fit model.max_length (with the answer in
+        training, with the generation budget in evaluation) and are cut."""
+        generative = self.cfg.model.kind != "classifier"
+        for task in self.stream:
+            n_train = self.collate.count_cut(task.train)
+            room = generation_budget(self.cfg.evaluation, task) if generative else None
+            n_test = self.collate.count_cut(task.test, room=room)
+            if n_train or n_test:
+                budget = " (with the generation budget)" if generative else ""
+                print(f"[cl-run] warning: task '{task.name}': {n_train} of {len(task.train)} training prompts "
+                      f"(with their answers) and {n_test} of {len(task.test)} test prompts{budget} are longer than "
+                      f"model.max_length={self.cfg.model.max_length} allows and are cut {self.collate.cut_side}",
+                      file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ training
     def plan_task(self, t: int, task: Task) -> TaskPlan:
@@ -200,6 +235,15 @@ class ContinualLoop:
         for step in range(first_step, plan.steps):
             micro = plan.batches[step * accum:(step + 1) * accum]
             loss_value, tokens = self._optimizer_step(optimizer, micro)
+            if not math.isfinite(loss_value):
+                # Nothing after this point is saved: the last checkpoint stays the run's
+                # last good state. Every rank sees the same (reduced) loss and stops.
+                bar.close()
+                raise TrainingDivergedError(
+                    f"training loss is {loss_value} at step {step + 1} of task {t + 1}/{len(self.stream)} "
+                    f"'{task.name}' (optimizer step {self.progress.global_step + 1} of the run); the run stops here, "
+                    f"its checkpoints so far stay in {self.run_dir / 'checkpoints'}. Start a new run with a lower "
+                    f"trainer.lr (this one: {self.trainer.lr:g}) or with trainer.max_grad_norm set")
             self.progress.step = step + 1
             self.progress.global_step += 1
             self.progress.train_tokens += tokens

@@ -22,14 +22,28 @@ class RunFolderError(FileExistsError):
 
 
 def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional[str]) -> Path:
-    """Create the run's own folder; never reuse one that holds another run."""
+    """Create the run's own folder; never reuse one that holds another run.
+
+    Both ways are atomic, so of two runs started at once exactly one gets a folder:
+    `output_dir` is claimed by creating its config.yaml exclusively (O_EXCL; the folder
+    itself may exist beforehand, holding the user's own files), and the other run gets a
+    RunFolderError; an auto-named folder under `root` is made with mkdir, and a name
+    already taken gets a suffix (_2, _3, ...) instead."""
     if output_dir:
         folder = Path(output_dir)
-        if folder.exists() and any((folder / m).exists() for m in RESULT_MARKERS + ("config.yaml",)):
-            raise RunFolderError(
-                f"output_dir={output_dir!r} already holds a run; continue it with resume={output_dir} "
-                "or choose a new folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        taken = (f"output_dir={output_dir!r} already holds a run; continue it with resume={output_dir} "
+                 "or choose a new folder")
+        if folder.exists() and not folder.is_dir():
+            raise RunFolderError(f"output_dir={output_dir!r} is a file, not a folder; choose a folder for the run")
+        if any((folder / m).exists() for m in RESULT_MARKERS):
+            raise RunFolderError(taken)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(folder / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise RunFolderError(taken) from None
+        except (NotADirectoryError, PermissionError) as err:
+            raise RunFolderError(f"output_dir={output_dir!r} cannot be made ({err.strerror}: {err.filename})") from None
         return folder
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = root / experiment / f"{stamp}_{label}"
@@ -39,8 +53,12 @@ def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional
             folder.mkdir(parents=True, exist_ok=False)  # atomic: two runs never share
             return folder
         except FileExistsError:
+            if not folder.parent.is_dir():  # a file where the experiment folder goes
+                raise RunFolderError(f"run folder {folder} cannot be made: {folder.parent} is not a folder") from None
             n += 1
             folder = base.with_name(f"{base.name}_{n}")
+        except (NotADirectoryError, PermissionError) as err:
+            raise RunFolderError(f"run folder {folder} cannot be made ({err.strerror}: {err.filename})") from None
 
 
 def discard_unstarted_run(folder: Path) -> None:

@@ -35,9 +35,14 @@ def _classify(model: torch.nn.Module, collator: Collator, chunk: list[Example]) 
     return [collator.label_space.label_of(int(i)) for i in logits.argmax(-1)]
 
 
+def generation_budget(decoding: Any, task: Task) -> int:
+    """New tokens generated per answer: evaluation.max_new_tokens, or (null) the task's own."""
+    return decoding.max_new_tokens if decoding.max_new_tokens is not None else task.max_new_tokens
+
+
 def _generate(model: torch.nn.Module, collator: Collator, task: Task, chunk: list[Example], decoding: Any) -> list[str]:
     tok = collator.tok
-    budget = decoding.max_new_tokens or task.max_new_tokens
+    budget = generation_budget(decoding, task)
     inputs = collator.prompts(chunk, room=budget)
     kwargs = dict(max_new_tokens=budget, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if decoding.decoding == "sample":

@@ -1,9 +1,33 @@
 """Config -> TaskStream: picks the loader for the stream's on-disk format."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from cl_runner.streams.task import TaskStream
+
+
+def planned_task_names(cfg: Any) -> Optional[list[str]]:
+    """The names of the stream's tasks, in order, as far as the config tells without
+    reading any data (None where only the loader can tell). Custom entries are checked
+    here (names given and unique, one source each); ValueError names the problem."""
+    order = [str(name) for name in cfg.order]
+    if cfg.kind == "synthetic":
+        from cl_runner.streams.synthetic import DEFAULT_ORDER
+
+        return order or list(DEFAULT_ORDER)
+    if cfg.kind == "trace":
+        from cl_runner.streams.trace import TRACE_ORDERS
+
+        return order or list(TRACE_ORDERS["default"])
+    if cfg.kind == "olora":
+        from cl_runner.streams.olora import OLORA_ORDERS
+
+        return order or (list(OLORA_ORDERS[cfg.name]) if cfg.name in OLORA_ORDERS else None)
+    if cfg.kind == "custom":
+        from cl_runner.streams.custom import check_entries
+
+        return [entry["name"] for entry in check_entries(list(cfg.tasks))]
+    return None
 
 
 def build_stream(cfg: Any, model_kind: str, seed: int) -> TaskStream:

@@ -70,17 +70,24 @@ def load_custom(
     `allow_download` is set: a dataset missing from the local cache fails at once with a
     FileNotFoundError saying how to fetch it, instead of retrying the network.
     """
+    return [_load_entry(entry, max_train, max_test, seed, allow_download) for entry in check_entries(entries)]
+
+
+def check_entries(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The entries checked without reading any data (names given and unique, one source,
+    known keys and types), so a malformed stream fails before a run starts."""
     if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
         raise ValueError(f"custom stream: expected a list of task entries, got {type(entries).__name__}")
     if not entries:
         raise ValueError("custom stream: the list of task entries is empty")
-    tasks: list[Task] = []
+    checked: list[dict[str, Any]] = []
     for index, raw in enumerate(entries):
         entry = _check_entry(raw, index)
-        if entry["name"] in (t.name for t in tasks):
-            raise ValueError(f"custom stream: task name '{entry['name']}' is used twice; names must be unique")
-        tasks.append(_load_entry(entry, max_train, max_test, seed, allow_download))
-    return tasks
+        if entry["name"] in (e["name"] for e in checked):
+            raise ValueError(f"custom stream: task name '{entry['name']}' is used twice (entries "
+                             f"{[e['name'] for e in checked].index(entry['name'])} and {index}); names must be unique")
+        checked.append(entry)
+    return checked
 
 
 def _check_entry(raw: Any, index: int) -> dict[str, Any]:
@@ -329,4 +336,4 @@ class _HFSource:
         return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
-__all__ = ["ALLOWED_KEYS", "load_custom"]
+__all__ = ["ALLOWED_KEYS", "check_entries", "load_custom"]
