@@ -15,10 +15,12 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from cl_runner.checkpoint import CheckpointError
 from cl_runner.config import ConfigError, validate
 from cl_runner.config_paths import package_configs
 from cl_runner.models import ModelLoadError
 from cl_runner.streams.records import RecordError
+from cl_runner.tracking import RunFolderError
 
 PACKAGE_CONFIGS = package_configs()
 
@@ -64,19 +66,56 @@ def make_accelerator(cfg: DictConfig, strategy):
     return Accelerator(mixed_precision=cfg.trainer.precision, cpu=launched_on_cpus(), kwargs_handlers=handlers)
 
 
-def load_config(raw: DictConfig) -> tuple[DictConfig, bool]:
+# What may be given together with resume=: how the resumed run is shown and logged, never
+# what it computes. Any other override is refused rather than silently dropped.
+RESUME_OVERRIDABLE = ("resume", "logger", "trainer.progress_bar", "dry_run", "plan_world_size",
+                      "plan_gpu_memory_gb")
+
+
+def override_key(override: str) -> str:
+    """`+trainer.lr=0.1` -> `trainer.lr`."""
+    return override.lstrip("+~").split("=", 1)[0].strip()
+
+
+def _may_change_on_resume(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE)
+
+
+def load_config(raw: DictConfig, overrides: Optional[list[str]] = None) -> tuple[DictConfig, bool]:
     """The validated config, or, with resume=DIR, the config saved in that run folder
-    (a resumed run continues with exactly the settings it started with)."""
+    (a resumed run continues with exactly the settings it started with). `overrides`
+    (the command line's, when known) may only touch RESUME_OVERRIDABLE keys on resume."""
     resume = raw.get("resume")
     if not resume:
         return validate(raw), False
+    refused = [o for o in overrides or [] if not _may_change_on_resume(override_key(o))]
+    if refused:
+        raise ConfigError(
+            f"resume={resume} continues the run with the config saved in its folder, so these overrides would be "
+            f"ignored: {' '.join(refused)}; drop them (only {', '.join(RESUME_OVERRIDABLE[1:])} may be given "
+            "with resume=), or start a new run with them")
     saved = Path(resume) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume={resume!r}: no config.yaml there; point resume at a run folder "
                           "(results/<experiment>/<run>/)")
-    cfg = validate(OmegaConf.load(saved))
+    loaded = OmegaConf.load(saved)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"resume={resume!r}: {saved} holds no config (the run never started?)")
+    for key in {override_key(o) for o in overrides or []} - {"resume"}:
+        OmegaConf.update(loaded, key, OmegaConf.select(raw, key), merge=False)
+    cfg = validate(loaded)
     cfg.resume = str(resume)
     return cfg, True
+
+
+def finished_run(run_dir: Path) -> dict[str, Any]:
+    """resume= on a run that has its metrics.json: nothing to do, nothing rewritten."""
+    import json
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[cl-run] {run_dir} is a finished run (its metrics.json is there): nothing to resume, "
+              "nothing written. Start a new run to train again.", flush=True)
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
@@ -89,11 +128,14 @@ def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
     return run_dir
 
 
-def execute(raw: DictConfig) -> dict[str, Any]:
-    """One run from a composed config; returns its metrics."""
+def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """One run from a composed config (`overrides`: the command line's, checked on
+    resume); returns its metrics."""
     from accelerate.utils import broadcast_object_list
 
-    cfg, resuming = load_config(raw)  # fails fast, before any model is built
+    cfg, resuming = load_config(raw, overrides)  # fails fast, before any model is built
+    if resuming and not cfg.dry_run and (Path(cfg.resume) / "metrics.json").is_file():
+        return finished_run(Path(cfg.resume))
     strategy = build_checked_strategy(cfg)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg))
@@ -154,16 +196,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     # hydra_plugins/cl_runner_searchpath.
     @hydra.main(version_base=None, config_path=str(PACKAGE_CONFIGS), config_name="config")
     def _hydra_entry(raw: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
         try:
-            execute(raw)
+            execute(raw, overrides)
         except ConfigError as err:
             print(f"cl-run: config error: {err}", file=sys.stderr)
             sys.exit(2)
-        except (ModelLoadError, RecordError, FileNotFoundError) as err:
-            # Bad input found while building the run (missing model/data, malformed record):
-            # one clear line, no traceback.
+        except (ModelLoadError, RecordError, FileNotFoundError, RunFolderError, CheckpointError) as err:
+            # Bad input found while building the run (missing model/data, malformed record,
+            # a run folder already taken, a checkpoint refused or unreadable): one clear
+            # line, no traceback.
             print(f"cl-run: error: {err}", file=sys.stderr)
             sys.exit(2)
+        except RuntimeError as err:
+            from cl_runner.loop import TrainingDivergedError
+
+            if not isinstance(err, TrainingDivergedError):
+                raise
+            print(f"cl-run: error: {err}", file=sys.stderr)  # NaN/inf loss: the run stopped
+            sys.exit(1)
 
     _hydra_entry()
 
