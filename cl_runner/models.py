@@ -53,7 +53,10 @@ def _auto_class(kind: str):
             "classifier": tf.AutoModelForSequenceClassification}[kind]
 
 
-def _random_init(cfg: Any, tokenizer: Any, num_labels: Optional[int]) -> nn.Module:
+def random_init_config(cfg: Any, tokenizer: Any, num_labels: Optional[int]) -> Any:
+    """The transformers config of a random-init model (`model.architecture` +
+    `model.architecture_config`, vocabulary and special tokens from the tokenizer).
+    Also used by the memory plan (cl_runner.memory_plan), which builds it on `meta`."""
     from transformers import AutoConfig
 
     kwargs = dict(cfg.architecture_config)
@@ -64,8 +67,11 @@ def _random_init(cfg: Any, tokenizer: Any, num_labels: Optional[int]) -> nn.Modu
         kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    config = AutoConfig.for_model(cfg.architecture, **kwargs)
-    return _auto_class(cfg.kind).from_config(config)
+    return AutoConfig.for_model(cfg.architecture, **kwargs)
+
+
+def _random_init(cfg: Any, tokenizer: Any, num_labels: Optional[int]) -> nn.Module:
+    return _auto_class(cfg.kind).from_config(random_init_config(cfg, tokenizer, num_labels))
 
 
 def _pretrained(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
