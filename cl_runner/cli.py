@@ -138,8 +138,11 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         return finished_run(Path(cfg.resume))
     strategy = build_checked_strategy(cfg)
     if cfg.dry_run:
+        from cl_runner.memory_plan import print_memory_plan
+
         print(OmegaConf.to_yaml(cfg))
-        return {}
+        plan = print_memory_plan(cfg)  # will it fit: per-rank memory from a meta-device model
+        return {"memory_plan": plan.as_dict()} if plan is not None else {}
     from cl_runner.environment import apply_cpu_threads, record_environment
 
     apply_cpu_threads(cfg.trainer.cpu_threads)  # first, before any parallel work in this process

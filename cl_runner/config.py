@@ -30,7 +30,8 @@ class ModelConfig:
     kind: str = "causal"
     # Hub id, local folder, or pkg://<python package>/<subfolder>. None = random init.
     path: Optional[str] = None
-    # Random init: HF model_type and its config kwargs (used when path is None).
+    # Random init: HF model_type and its config kwargs (used when path is None). With a
+    # path, only dry_run's memory plan reads them (the sizes, for a model not on disk).
     architecture: Optional[str] = None
     architecture_config: dict[str, Any] = field(default_factory=dict)
     # "byte" = built-in byte-level tokenizer; None = the tokenizer that ships with `path`.
@@ -143,6 +144,10 @@ class RunSettings:
     resume: Optional[str] = None
     # Print the resolved config and stop.
     dry_run: bool = False
+    # dry_run's memory plan: processes (None = $WORLD_SIZE, else 1) and GiB per GPU for a
+    # fits / does-not-fit verdict (None = no verdict). Nothing else reads them.
+    plan_world_size: Optional[int] = None
+    plan_gpu_memory_gb: Optional[float] = None
 
 
 SCHEMAS: dict[str, type] = {

@@ -1,0 +1,200 @@
+"""`cl-run dry_run=true`'s memory plan ("will it fit"): numbers checked by hand on a tiny
+LLaMA, the strategy state against what the strategy code really allocates, the shipped
+7B config's size, and the plan printed by a dry run."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cl_runner.config import ConfigError, validate
+from cl_runner.memory_plan import (ModelFacts, activation_bytes, build_plan, format_plan, model_facts,
+                                   svd_target_bytes)
+from tests.conftest import compose
+
+# tiny_llama (configs/model/tiny_llama.yaml) with the byte tokenizer (259 ids): hidden 64,
+# MLP 172, 2 blocks, untied head.
+VOCAB, H, I, BLOCKS = 259, 64, 172, 2
+BLOCK = 4 * H * H + 3 * H * I + 2 * H  # q, k, v, o; gate, up, down; two RMSNorms
+TINY_LLAMA_PARAMS = VOCAB * H + BLOCKS * BLOCK + H + VOCAB * H  # embedding, blocks, final norm, head
+
+
+def cfg_for(*overrides: str):
+    return validate(compose(["logger=none", *overrides]))
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_world(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_facts() -> ModelFacts:
+    return model_facts(cfg_for("model=tiny_llama").model)
+
+
+def test_tiny_llama_parameters_gradients_and_adamw_by_hand(tiny_facts):
+    assert TINY_LLAMA_PARAMS == 132_288
+    assert tiny_facts.params == TINY_LLAMA_PARAMS
+    assert (tiny_facts.hidden, tiny_facts.blocks, tiny_facts.vocab) == (H, BLOCKS, VOCAB)
+    plan = build_plan(cfg_for("model=tiny_llama"), world_size=1, sharding="none", facts=tiny_facts)
+    assert plan.row("parameters").per_rank_bytes == TINY_LLAMA_PARAMS * 4
+    assert plan.row("gradients").per_rank_bytes == TINY_LLAMA_PARAMS * 4
+    assert plan.row("optimizer state").per_rank_bytes == TINY_LLAMA_PARAMS * 8  # two fp32 moments
+    assert plan.row("strategy state").per_rank_bytes == 0  # seq_ft
+    assert plan.row("activations").per_rank_bytes == activation_bytes(64, 64, H, BLOCKS, VOCAB, 4, False)
+    assert plan.per_rank_total == sum(r.per_rank_bytes for r in plan.rows)
+    assert "DDP gradient buckets" not in [r.name for r in plan.rows]  # one process: no DDP
+
+
+def test_fsdp_divides_the_state_by_world_size_and_none_does_not(tiny_facts):
+    cfg = cfg_for("model=tiny_llama", "strategy=ewc")
+    fsdp = build_plan(cfg, world_size=4, sharding="fsdp", facts=tiny_facts)
+    ddp = build_plan(cfg, world_size=4, sharding="none", facts=tiny_facts)
+    P = TINY_LLAMA_PARAMS
+    for name, full in (("parameters", 4 * P), ("gradients", 4 * P), ("optimizer state", 8 * P),
+                       ("strategy state", 2 * 4 * P)):  # EWC online: Fisher + anchor in fp32
+        assert fsdp.row(name).unsharded_bytes == ddp.row(name).unsharded_bytes == full
+        assert fsdp.row(name).per_rank_bytes == math.ceil(full / 4), name
+        assert ddp.row(name).per_rank_bytes == full, name
+    assert ddp.row("DDP gradient buckets").per_rank_bytes == 4 * P
+    assert fsdp.row("activations").per_rank_bytes == ddp.row("activations").per_rank_bytes  # per rank either way
+    assert fsdp.row("FSDP gathered units").per_rank_bytes > 0
+
+
+def test_ewc_separate_keeps_one_pair_per_past_task(tiny_facts):
+    cfg = cfg_for("model=tiny_llama", "strategy=ewc", "strategy.mode=separate")  # the synthetic stream: 3 tasks
+    plan = build_plan(cfg, world_size=1, sharding="none", facts=tiny_facts)
+    assert plan.row("strategy state").per_rank_bytes == 2 * (2 * 4 * TINY_LLAMA_PARAMS)
+
+
+def test_svd_bases_and_anchors_by_hand():
+    # k=16 of 64: U (64x16) and V (64x16) stored as they are; anchors Uᵀ W (16x64) and W V (64x16), fp32.
+    assert svd_target_bytes(64, 64, 16) == ((64 * 16 + 64 * 16) * 4, (16 * 64 + 64 * 16) * 4)
+    # k=48 > 64/2: each side through its 16-column complement, and a dense anchor in the weights' dtype.
+    assert svd_target_bytes(64, 64, 48, param_bytes=2) == ((64 * 16 + 64 * 16) * 4, 64 * 64 * 2)
+    # high_block keeps the k x k core; bf16 bases halve the bases.
+    assert svd_target_bytes(64, 172, 16, "high_block", basis_bytes=2) == ((64 * 16 + 172 * 16) * 2, 16 * 16 * 4)
+
+
+@pytest.mark.parametrize("m, n, k, mode", [(64, 64, 16, "two_sided"), (64, 64, 48, "two_sided"),
+                                           (172, 64, 20, "two_sided"), (172, 64, 40, "two_sided"),
+                                           (64, 172, 40, "high_block"), (64, 64, 0, "two_sided")])
+def test_svd_target_bytes_match_projection_groups(m, n, k, mode):
+    from cl_runner import ops
+
+    w = torch.randn(m, n)
+    groups = ops.ProjectionGroups([("w", w)], mode=mode, basis_dtype=torch.float32)
+    (u, v), = ops.top_k_bases([w], [k], out_dtype=torch.float32)
+    groups.set_bases({"w": (u, v)})
+    groups.snapshot_weights()
+    assert groups.nbytes() == sum(svd_target_bytes(m, n, k, mode))
+
+
+@pytest.mark.parametrize("unfreeze", [0.75, 0.25])
+def test_svd_orthogonal_state_matches_the_strategy(tiny_facts, unfreeze):
+    """The plan's svd_orthogonal state equals what the strategy holds after its first
+    task start on the real tiny LLaMA (ratio mode: k = floor(64 (1 - unfreeze)))."""
+    from accelerate import Accelerator
+
+    from cl_runner.models import build_model
+    from cl_runner.strategies.base import StrategyContext
+    from cl_runner.strategies.svd_orthogonal import SVDOrthogonal
+
+    cfg = cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.rank.mode=ratio",
+                  f"strategy.rank.unfreeze_ratio={unfreeze}")
+    plan = build_plan(cfg, world_size=1, sharding="none", facts=tiny_facts)
+    k = math.floor(64 * (1 - unfreeze))
+    per_block = 4 * sum(svd_target_bytes(H, H, k)) + sum(svd_target_bytes(I, H, k)) * 2 \
+        + sum(svd_target_bytes(H, I, k))
+    assert plan.row("strategy state").per_rank_bytes == BLOCKS * per_block
+    if unfreeze == 0.75:  # k = 16: every side a basis, factored anchors
+        assert BLOCKS * per_block == 312_320
+
+    model = build_model(cfg.model).model
+    strategy = SVDOrthogonal(cfg.strategy)
+    strategy.setup(StrategyContext(accelerator=Accelerator(cpu=True), model=model, stream=None, model_kind="causal",
+                                   model_family="llama", seed=0, trainer=cfg.trainer, loss_fn=None, collate=None))
+    strategy.before_task(0, SimpleNamespace(name="t0"))
+    assert strategy.extra_state_bytes() == plan.row("strategy state").per_rank_bytes
+
+
+def test_freezing_strategies_shrink_gradients_and_optimizer(tiny_facts):
+    plan = build_plan(cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.freeze_untargeted=true"),
+                      world_size=1, sharding="none", facts=tiny_facts)
+    targets = BLOCKS * (4 * H * H + 3 * H * I)
+    assert plan.trainable_params == targets
+    assert plan.row("optimizer state").per_rank_bytes == 8 * targets
+    hft = build_plan(cfg_for("model=tiny_llama", "strategy=hft"), world_size=1, sharding="none", facts=tiny_facts)
+    assert TINY_LLAMA_PARAMS - BLOCKS * BLOCK < hft.trainable_params < TINY_LLAMA_PARAMS
+
+
+def test_classp_and_lines(tiny_facts):
+    plan = build_plan(cfg_for("model=tiny_llama", "strategy=classp", "lines.enabled=true"), world_size=1,
+                      sharding="none", facts=tiny_facts)
+    assert plan.row("optimizer state").per_rank_bytes == 4 * TINY_LLAMA_PARAMS  # one fp32 accumulator
+    assert plan.row("strategy state").per_rank_bytes == 4 * TINY_LLAMA_PARAMS  # LiNeS' fp32 reference
+
+
+def test_verdict_and_world_size_from_the_environment(tiny_facts, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    plan = build_plan(cfg_for("model=tiny_llama", "plan_gpu_memory_gb=1"), facts=tiny_facts)
+    assert plan.world_size == 3 and plan.fits
+    assert plan.verdict().startswith("fits on 3 x 1 GB")
+    small = build_plan(cfg_for("model=tiny_llama", "plan_world_size=2", "plan_gpu_memory_gb=0.001"), facts=tiny_facts)
+    assert small.world_size == 2 and not small.fits
+    assert small.verdict().startswith("does not fit on 2 x 0.001 GB")
+    with pytest.raises(ConfigError, match="plan_world_size"):
+        build_plan(cfg_for("model=tiny_llama", "plan_world_size=0"), facts=tiny_facts)
+
+
+def test_llama2_7b_from_the_shipped_config_offline():
+    facts = model_facts(cfg_for("model=llama2_7b_chat").model)
+    assert facts.source == "model.architecture_config"
+    assert abs(facts.params - 6.74e9) / 6.74e9 < 0.01
+    assert next(facts.model.parameters()).device.type == "meta"
+
+
+def test_pretrained_model_still_loads_from_its_path_only(tmp_path):
+    """architecture_config on a pretrained model is for the plan: loading ignores it."""
+    from cl_runner.models import ModelLoadError, build_model
+
+    cfg = cfg_for("model=llama2_7b_chat", f"model.path={tmp_path / 'missing'}")
+    with pytest.raises(ModelLoadError, match="missing"):
+        build_model(cfg.model)
+
+
+def test_dry_run_prints_the_plan(capsys, tmp_path, monkeypatch):
+    from cl_runner.cli import execute
+    from cl_runner.config import TrainerConfig
+
+    # trainer.sharding comes with FSDP support; without it the plan is the unsharded one.
+    fsdp = "sharding" in TrainerConfig.__dataclass_fields__
+    monkeypatch.chdir(tmp_path)
+    out = execute(compose(["logger=none", "dry_run=true", "model=llama2_7b_chat", "trainer.precision=bf16",
+                           *(["trainer.sharding=fsdp"] if fsdp else []), "plan_world_size=8",
+                           "plan_gpu_memory_gb=80", "strategy=svd_orthogonal"]))
+    printed = capsys.readouterr().out
+    assert "name: svd_orthogonal" in printed  # the config first
+    assert "Memory plan" in printed and "per rank" in printed and "verdict:" in printed
+    plan = out["memory_plan"]
+    assert plan["world_size"] == 8 and plan["sharding"] == ("fsdp" if fsdp else "none")
+    params = next(r for r in plan["rows"] if r["name"] == "parameters")
+    assert params["per_rank_bytes"] == math.ceil(plan["params"] * 2 / (8 if fsdp else 1))  # bfloat16
+    assert not (tmp_path / "results").exists()
+
+
+def test_dry_run_without_model_sizes_says_why_and_still_succeeds(capsys, tmp_path, monkeypatch):
+    from cl_runner.cli import execute
+
+    monkeypatch.chdir(tmp_path)
+    execute(compose(["logger=none", "dry_run=true", "model=llama2_7b_chat", "model.architecture=null",
+                     "model.path=no-org/no-such-model"]))
+    assert "Memory plan: not available" in capsys.readouterr().out
+
+
+def test_format_plan_has_a_total(tiny_facts):
+    text = format_plan(build_plan(cfg_for("model=tiny_llama"), facts=tiny_facts))
+    assert "total per rank" in text and "activations (rough est.)" in text
