@@ -6,11 +6,14 @@ import os
 from typing import Any
 
 
-def write_bench_outputs(out_dir: str, stem_name: str, lines: list[str], results: dict[str, Any]) -> None:
+def write_bench_outputs(out_dir: str, stem_name: str, lines: list[str], results: dict[str, Any],
+                        suffix: str = ".txt") -> None:
+    """<out_dir>/<stem_name><suffix> (the text report; ".md" for a Markdown one) and
+    <out_dir>/<stem_name>.json."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, stem_name)
-    with open(stem + ".txt", "w") as f:
+    with open(stem + suffix, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nwrote {stem}.txt and {stem}.json")
+    print(f"\nwrote {stem}{suffix} and {stem}.json")
