@@ -201,6 +201,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     def _hydra_entry(raw: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from cl_runner.distributed_env import init_from_slurm
+
+        init_from_slurm()  # one task of a multi-task SLURM job (submitit, srun): RANK, WORLD_SIZE, MASTER_*
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
         try:
             execute(raw, overrides)
