@@ -38,6 +38,9 @@ class Progress:
     train_tokens: int = 0
     train_seconds: float = 0.0
     global_step: int = 0
+    # Per task, [step, loss] at up to ~50 evenly spaced steps: where each task's loss
+    # reached its floor (metrics.json `train_loss_curves`).
+    loss_curves: list[list[list[float]]] = field(default_factory=list)
 
 
 class CheckpointError(RuntimeError):

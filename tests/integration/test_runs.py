@@ -5,28 +5,33 @@ import json
 
 import pytest
 
-from tests.conftest import run_cl, run_until_crash
+from tests.conftest import assert_learned_with_margin, run_cl, run_until_crash
 
 SMALL = ["task_stream.train_size=300", "task_stream.test_size=20", "trainer.steps_per_task=30",
          "trainer.batch_size=16"]
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """The default experiment exactly as `cl-run` runs it (only the tracker is off)."""
-    return run_cl([], tmp_path_factory.mktemp("default"))
-
-
 def test_default_run_learns_every_task_and_seq_ft_forgets(default_run):
+    """At 1 and 2 CPU threads (the default_run fixture), with margin."""
     metrics, run_dir = default_run
     R = metrics["R"]
-    assert metrics["tasks"] == ["reverse", "shift_letters", "increment"]
+    assert metrics["tasks"] == ["increment", "decrement", "complement"]
     assert len(R) == 4 and all(len(row) == 3 for row in R)
-    # Every task is learned when it is trained (the diagonal)...
-    assert all(R[j + 1][j] >= 0.9 for j in range(3)), R
+    # Every task is learned when it is trained (the diagonal), within half its steps...
+    assert all(R[j + 1][j] >= 0.95 for j in range(3)), R
+    assert_learned_with_margin(metrics)
     # ...and sequential fine-tuning forgets the earlier ones: BWT clearly negative.
     assert metrics["BWT"] <= -0.5, metrics["BWT"]
     assert metrics["strategy"] == "seq_ft"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_default_run_holds_for_other_seeds(seed, tmp_path):
+    metrics, _ = run_cl([f"seed={seed}"], tmp_path)
+    assert all(metrics["R"][j + 1][j] >= 0.95 for j in range(3)), metrics["R"]
+    assert_learned_with_margin(metrics)
+    assert metrics["BWT"] <= -0.5, metrics["R"]
 
 
 def test_default_run_writes_every_output(default_run):
@@ -35,9 +40,10 @@ def test_default_run_writes_every_output(default_run):
                 "peak_memory_bytes", "train_tokens_per_s", "strategy_extra_bytes"):
         assert key in metrics, key
     assert (run_dir / "config.yaml").is_file()
-    assert (run_dir / "R.csv").read_text().splitlines()[0].startswith("tasks_learned,after,reverse")
+    assert (run_dir / "R.csv").read_text().splitlines()[0].startswith("tasks_learned,after,increment")
     assert (run_dir / "plots" / "accuracy_matrix.png").stat().st_size > 0
     assert (run_dir / "plots" / "forgetting_curves.png").stat().st_size > 0
+    assert set(metrics["train_loss_curves"]) == set(metrics["tasks"])
     preds = (run_dir / "predictions" / "task_1_after_3.jsonl").read_text().splitlines()
     assert len(preds) == 100 and {"prompt", "answer", "prediction", "score"} <= set(json.loads(preds[0]))
     assert (run_dir / "checkpoints").is_dir()
@@ -78,9 +84,10 @@ def test_resume_gives_the_same_R_as_an_uninterrupted_run(tmp_path, monkeypatch, 
 
 
 def test_multitask_is_the_upper_bound(tmp_path):
-    seq, _ = run_cl(SMALL + ["trainer.steps_per_task=80", "task_stream.order=[reverse,increment]"], tmp_path)
-    joint, _ = run_cl(SMALL + ["trainer.steps_per_task=80", "task_stream.order=[reverse,increment]",
-                               "strategy=multitask"], tmp_path)
+    two = ["task_stream.order=[increment,decrement]", "task_stream.test_size=50", "trainer.steps_per_task=120"]
+    seq, _ = run_cl(two, tmp_path)
+    joint, _ = run_cl(two + ["strategy=multitask"], tmp_path)
+    assert_learned_with_margin(seq)
     assert joint["ACC"] > seq["ACC"] + 0.2, (joint["R"], seq["R"])
 
 

@@ -113,7 +113,10 @@ def test_synthetic_tasks_are_deterministic_and_disjoint():
     inc = synthetic_task("increment", 3, 5, 5, 0).train[0]
     assert inc.answer == "".join(str((int(c) + 1) % 10) for c in inc.prompt[2:-1])
     assert synthetic_task("shift_letters", 3, 5, 5, 0).train[0].prompt.startswith("i:")
-    assert [t.name for t in load_synthetic([], 5, 10, 10, 0)] == ["reverse", "shift_letters", "increment"]
+    assert [t.name for t in load_synthetic([], 5, 10, 10, 0)] == ["increment", "decrement", "complement"]
+    dec, mirror = synthetic_task("decrement", 3, 5, 5, 0).train[0], synthetic_task("complement", 3, 5, 5, 0).train[0]
+    assert dec.prompt.startswith("D:") and dec.answer == "".join(str((int(c) - 1) % 10) for c in dec.prompt[2:-1])
+    assert mirror.prompt.startswith("M:") and mirror.answer == "".join(str(9 - int(c)) for c in mirror.prompt[2:-1])
 
 
 def test_synthetic_rejects_impossible_sizes_and_names():
