@@ -63,7 +63,10 @@ def make_accelerator(cfg: DictConfig, strategy):
         # HFT (and svd_orthogonal with freeze_untargeted) freeze parameters after DDP has
         # wrapped the model; DDP must then find the ones that get no gradient.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(mixed_precision=cfg.trainer.precision, cpu=launched_on_cpus(), kwargs_handlers=handlers)
+    # Under FSDP2 the sharding's own mixed-precision policy casts parameters (bf16 compute,
+    # fp32 gradient reduction); accelerate's autocast stays off.
+    precision = "no" if cfg.trainer.sharding == "fsdp" else cfg.trainer.precision
+    return Accelerator(mixed_precision=precision, cpu=launched_on_cpus(), kwargs_handlers=handlers)
 
 
 # What may be given together with resume=: how the resumed run is shown and logged, never

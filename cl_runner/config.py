@@ -76,6 +76,17 @@ class TaskStreamConfig:
 
 # ---------------------------------------------------------------------------- trainer
 @dataclass
+class FSDPConfig:
+    # Recompute each block's activations in backward (less memory, ~30% more compute).
+    activation_checkpointing: bool = False
+    # Keep parameters, gradients and optimizer state on the CPU; the optimizer steps there.
+    cpu_offload: bool = False
+    # Free each block's gathered weights after its forward (ZeRO-3); false keeps them
+    # until backward (ZeRO-2-like: faster, more memory).
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TrainerConfig:
     # Per task: a number, or a list with one entry per task (TRACE presets).
     epochs: Any = 1
@@ -102,6 +113,10 @@ class TrainerConfig:
     # torch's CPU threads per process (intra- and inter-op); None = torch's default.
     # Keeps a CPU run on a shared node from using every core.
     cpu_threads: Optional[int] = None
+    # none: every process holds the whole model (one process, or DDP); fsdp: FSDP2
+    # (fully_shard) of every transformer block and the root, state sharded over processes.
+    sharding: str = "none"
+    fsdp: "FSDPConfig" = field(default_factory=lambda: FSDPConfig())
 
 
 @dataclass
@@ -148,6 +163,8 @@ class RunSettings:
     # fits / does-not-fit verdict (None = no verdict). Nothing else reads them.
     plan_world_size: Optional[int] = None
     plan_gpu_memory_gb: Optional[float] = None
+    # Write the final weights as a Hugging Face folder (safetensors) to <run>/final_model.
+    save_final_model: bool = False
 
 
 SCHEMAS: dict[str, type] = {
@@ -170,6 +187,7 @@ CHOICES = {
     "task_stream.unknown_labels": ("error", "drop"),
     "trainer.schedule": ("constant", "linear", "cosine"),
     "trainer.precision": ("no", "bf16", "fp16"),
+    "trainer.sharding": ("none", "fsdp"),
     "evaluation.decoding": ("greedy", "sample"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),

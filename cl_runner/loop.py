@@ -103,7 +103,14 @@ class ContinualLoop:
                 check_task_budget(cfg, task.name, generation_budget(cfg.evaluation, task))
         self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,
                                 device=self.accelerator.device)
-        self.model = self.accelerator.prepare(self.bundle.model)
+        self.sharded = cfg.trainer.sharding == "fsdp"
+        if self.sharded:
+            from cl_runner.sharding import ensure_process_group, shard_model
+
+            ensure_process_group(self.accelerator.device)
+            self.model = shard_model(self.bundle.model.to(self.accelerator.device), self.trainer)
+        else:
+            self.model = self.accelerator.prepare(self.bundle.model)
         # cl-run builds (and checks) the stack before the run folder exists and hands it in.
         self.strategy = strategy if strategy is not None else build_strategy(cfg)
         self.strategy.setup(StrategyContext(
@@ -217,14 +224,14 @@ class ContinualLoop:
         first_step = 0
         if resume_payload is not None:
             if resume_payload["optimizer"] is not None:
-                self.optimizer.load_state_dict(resume_payload["optimizer"])
+                self._load_optimizer_state(resume_payload["optimizer"])
             if resume_payload["scheduler"] is not None:
                 self.scheduler.load_state_dict(resume_payload["scheduler"])
             set_rng_state(resume_payload["rng"])
             first_step = self.progress.step
         elif self._carried_optimizer_state is not None and self.optimizer is not None:
             # Resumed at a task boundary with carry_optimizer: continue its moments.
-            self.optimizer.load_state_dict(self._carried_optimizer_state)
+            self._load_optimizer_state(self._carried_optimizer_state)
             self._carried_optimizer_state = None
         optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False)
         self.model.train()
@@ -248,6 +255,7 @@ class ContinualLoop:
             self.progress.global_step += 1
             self.progress.train_tokens += tokens
             running = loss_value if step == first_step else 0.9 * running + 0.1 * loss_value
+            self._record_loss(t, step + 1, plan.steps, loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
             if self.progress.global_step % self.trainer.log_every_steps == 0:
@@ -265,6 +273,30 @@ class ContinualLoop:
             print(f"[cl-run] task {t + 1}/{len(self.stream)} {task.name}: {plan.steps} steps in {elapsed:.1f}s, "
                   f"final loss {running:.4f}", flush=True)
 
+    def _record_loss(self, t: int, step: int, steps: int, loss: float) -> None:
+        curves = self.progress.loss_curves
+        while len(curves) <= t:
+            curves.append([])
+        if step % max(1, steps // 50) == 0 or step == steps:
+            curves[t].append([step, loss])
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
+        """No gradient all-reduce / reduce-scatter for the micro-batches before the last."""
+        if sync:
+            yield
+        elif self.sharded:
+            from cl_runner.sharding import set_gradient_sync
+
+            set_gradient_sync(self.model, False)
+            try:
+                yield
+            finally:
+                set_gradient_sync(self.model, True)
+        else:
+            with self.accelerator.no_sync(self.model):
+                yield
+
     def _optimizer_step(self, optimizer: Any, micro: list[list[Example]]) -> tuple[float, int]:
         """Forward/backward over the micro-batches, then one optimizer step."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -272,7 +304,7 @@ class ContinualLoop:
         for i, examples in enumerate(micro):
             batch = self.collate(examples[rank::world])
             sync = i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)):
+            with self._gradient_sync(sync):
                 with self.accelerator.autocast():
                     loss = compute_loss(self.model, batch)
                     penalty = self.strategy.penalty(self.model, batch)
@@ -287,7 +319,10 @@ class ContinualLoop:
             total_loss, tokens = summed[0].item() / world, int(summed[1].item())
         self.strategy.after_backward()
         if self.trainer.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
+            if self.sharded:  # DTensor gradients: torch's clip reduces the norm over shards
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
+            else:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
         self.strategy.before_optimizer_step()
         optimizer.step()
         self.strategy.after_optimizer_step()
@@ -330,8 +365,15 @@ class ContinualLoop:
                    disable=not (self.is_main and self.trainer.progress_bar))
         for j, task in enumerate(bar):
             shard = task.test[rank::world]
+            size = len(shard)
+            if self.sharded and task.test:
+                # Every forward is collective under FSDP: each rank runs the same number of
+                # batches (shards padded to the longest, padding dropped) and generation
+                # keeps stepping until every rank's sequences are done (synced).
+                longest = -(-len(task.test) // world)
+                shard = shard + [task.test[0]] * (longest - size)
             with self.accelerator.autocast():
-                local = predict(model, self.collate, task, shard, ev, ev.batch_size)
+                local = predict(model, self.collate, task, shard, ev, ev.batch_size, synced=self.sharded)[:size]
             gathered = gather_object([(rank + world * i, p) for i, p in enumerate(local)]) if world > 1 else list(enumerate(local))
             predictions = [p for _, p in sorted(gathered, key=lambda x: x[0])]
             value, per_item = score(task.scorer, predictions, [e.answer for e in task.test], [e.prompt for e in task.test])
@@ -369,6 +411,14 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
+        if self.sharded:
+            from cl_runner.sharded_checkpoint import save_sharded_checkpoint
+
+            save_sharded_checkpoint(
+                self.run_dir / "checkpoints", self.progress, self.model, self.optimizer,
+                self.scheduler.state_dict() if self.scheduler is not None else None,
+                self.strategy.state_dict(), keep=self.trainer.keep_checkpoints)
+            return
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return
@@ -382,7 +432,47 @@ class ContinualLoop:
     _payload: Optional[dict] = None
     _carried_optimizer_state: Optional[dict] = None
 
+    def _restore_sharded(self) -> Optional[Progress]:
+        """The newest readable sharded checkpoint, re-sharded to this run's processes."""
+        from cl_runner.checkpoint import CorruptCheckpointError
+        from cl_runner.sharded_checkpoint import (load_model_and_strategy, rank_rng_state, read_meta,
+                                                  sharded_checkpoints)
+
+        for path in reversed(sharded_checkpoints(self.run_dir / "checkpoints")):
+            try:
+                meta = read_meta(path)
+            except CorruptCheckpointError as err:
+                if self.is_main:
+                    print(f"[cl-run] warning: {err}; trying the checkpoint before it", file=sys.stderr, flush=True)
+                continue
+            self.strategy.load_state_dict(load_model_and_strategy(path, meta, self.model))
+            self.progress = meta["progress"]
+            rng = rank_rng_state(meta)
+            if self.progress.task_done:
+                set_rng_state(rng)
+                if self.strategy.carry_optimizer and meta["has_optimizer"]:
+                    self._carried_optimizer_state = path
+            self._payload = {"optimizer": path if meta["has_optimizer"] else None,
+                             "scheduler": meta["scheduler"], "rng": rng}
+            if self.is_main:
+                where = "end of" if self.progress.task_done else f"step {self.progress.step} of"
+                print(f"[cl-run] resuming from {path.name} (saved by {meta['world_size']} process(es)): "
+                      f"{where} task {self.progress.task + 1}", flush=True)
+            return self.progress
+        return None
+
+    def _load_optimizer_state(self, state: Any) -> None:
+        """A saved optimizer state: a state dict, or (sharded runs) the checkpoint folder."""
+        if isinstance(state, Path):
+            from cl_runner.sharded_checkpoint import load_optimizer
+
+            load_optimizer(state, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state)
+
     def _restore(self) -> Optional[Progress]:
+        if self.sharded:
+            return self._restore_sharded()
         say = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main else (lambda line: None)
         found = load_latest_checkpoint(self.run_dir / "checkpoints", say=say)
         if found is None:

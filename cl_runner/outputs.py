@@ -4,7 +4,7 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -62,6 +62,27 @@ def format_cost(metrics: dict[str, Any]) -> str:
     return ("cost: " + "  ".join(parts)) if parts else ""
 
 
+def save_final_model(loop: Any) -> Optional[str]:
+    """The final weights as a Hugging Face folder (config, safetensors, tokenizer when it is
+    a Hugging Face one) in <run>/final_model; every rank calls it, rank 0 writes."""
+    model = loop.accelerator.unwrap_model(loop.model)
+    if loop.sharded:
+        from cl_runner.sharding import full_state_dict
+
+        state = full_state_dict(model)  # collective; the full tensors land on rank 0 only
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if loop.is_main else None
+    if not loop.is_main:
+        return None
+    folder = loop.run_dir / "final_model"
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    hf_tokenizer = getattr(loop.bundle.tokenizer, "hf", None)
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(folder)
+    print(f"[cl-run] final model: {folder}", flush=True)
+    return str(folder)
+
+
 def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Tracker) -> dict[str, Any]:
     from cl_runner.evaluation.metrics import summarize
 
@@ -85,11 +106,15 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         "train_tokens": progress.train_tokens,
         "train_tokens_per_s": tokens_per_s,
         "optimizer_steps": progress.global_step,
+        "distributed": {"world_size": loop.accelerator.num_processes, "sharding": loop.cfg.trainer.sharding},
+        "train_loss_curves": {name: curve for name, curve in zip(names, progress.loss_curves)},
         "strategy_extra_bytes": loop.strategy.extra_state_bytes(),
         "strategy_report": loop.strategy.report(),
         "decoding": dict(loop.cfg.evaluation),
         **peak_memory_bytes(),
     })
+    if loop.cfg.get("save_final_model"):
+        metrics["final_model"] = save_final_model(loop)
     if not loop.is_main:
         return metrics
     run_dir: Path = loop.run_dir

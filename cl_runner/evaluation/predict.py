@@ -11,8 +11,9 @@ from cl_runner.streams.task import Example, Task
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, collator: Collator, task: Task, examples: list[Example],
-            decoding: Any, batch_size: int) -> list[str]:
-    """Predictions for `examples` in order. `decoding` is the evaluation config."""
+            decoding: Any, batch_size: int, synced: bool = False) -> list[str]:
+    """Predictions for `examples` in order. `decoding` is the evaluation config. `synced`:
+    every process generates in lock-step (a sharded model's forward is collective)."""
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -22,7 +23,7 @@ def predict(model: torch.nn.Module, collator: Collator, task: Task, examples: li
             if collator.kind == "classifier":
                 out.extend(_classify(model, collator, chunk))
             else:
-                out.extend(_generate(model, collator, task, chunk, decoding))
+                out.extend(_generate(model, collator, task, chunk, decoding, synced))
     finally:
         model.train(was_training)
     return out
@@ -40,11 +41,14 @@ def generation_budget(decoding: Any, task: Task) -> int:
     return decoding.max_new_tokens if decoding.max_new_tokens is not None else task.max_new_tokens
 
 
-def _generate(model: torch.nn.Module, collator: Collator, task: Task, chunk: list[Example], decoding: Any) -> list[str]:
+def _generate(model: torch.nn.Module, collator: Collator, task: Task, chunk: list[Example], decoding: Any,
+              synced: bool = False) -> list[str]:
     tok = collator.tok
     budget = generation_budget(decoding, task)
     inputs = collator.prompts(chunk, room=budget)
     kwargs = dict(max_new_tokens=budget, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if synced:
+        kwargs["synced_gpus"] = True
     if decoding.decoding == "sample":
         kwargs.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p)
     else:

@@ -133,9 +133,11 @@ class Strategy:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Total bytes of the tensors inside nested dicts/lists/tuples."""
+    """Total bytes of the tensors inside nested dicts/lists/tuples, held by this process
+    (a sharded DTensor counts its local shard)."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        held = obj.to_local() if hasattr(obj, "to_local") else obj
+        return held.numel() * held.element_size()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):

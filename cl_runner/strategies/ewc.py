@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_runner.sharding import global_numel, global_sum, is_sharded, local
 from cl_runner.strategies.base import Batch, Strategy, StrategyContext, tensor_bytes
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
@@ -130,7 +131,9 @@ class ElasticWeightConsolidation(Strategy):
                 p = params[name]
                 if not p.requires_grad:
                     continue
-                term = (f * (p.float() - anchor[name]).pow(2)).sum()
+                # Local shards under FSDP: each rank adds its slice of the penalty, whose
+                # gradient lands on exactly the weights it holds (no collective).
+                term = (local(f) * (local(p).float() - local(anchor[name])).pow(2)).sum()
                 total = term if total is None else total + term
         if total is None:
             return None
@@ -180,7 +183,11 @@ class ElasticWeightConsolidation(Strategy):
         chosen = self.fisher_examples_for(t, examples)
         size = 1 if cfg.granularity == "sample" else cfg.fisher_batch_size
         batches = [chosen[start:start + size] for start in range(0, len(chosen), size)]
-        mine = range(acc.process_index, len(batches), acc.num_processes)
+        sharded = any(is_sharded(p) for _, p in named)
+        # Sharded (FSDP) model: every backward ends in a reduce-scatter that averages the
+        # ranks' gradients, so all ranks take every batch (the average of equal gradients
+        # is the batch's own) and each squares its own shard; unsharded: batches dealt out.
+        mine = range(len(batches)) if sharded else range(acc.process_index, len(batches), acc.num_processes)
         was_training = model.training
         model.eval()
         count = 0
@@ -205,7 +212,7 @@ class ElasticWeightConsolidation(Strategy):
         finally:
             model.train(was_training)
             self._zero_grads(named)
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and not sharded:
             fisher = {n: acc.reduce(f, reduction="sum") for n, f in fisher.items()}
             count = int(acc.reduce(torch.tensor(float(count), device=acc.device), reduction="sum").item())
         self.fisher_examples += len(chosen)
@@ -250,9 +257,8 @@ def hash_seed(seed: int, t: int, batch_index: int) -> int:
 
 
 def mean_of(fisher: dict[str, torch.Tensor]) -> float:
-    total = sum(float(f.sum()) for f in fisher.values())
-    count = sum(f.numel() for f in fisher.values())
-    return total / count if count else 0.0
+    count = global_numel(fisher.values())
+    return global_sum(fisher.values()) / count if count else 0.0
 
 
 def normalized_by_mean(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

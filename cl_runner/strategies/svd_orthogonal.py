@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cl_runner import ops
+from cl_runner.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.registry import register
 from cl_runner.strategies.svd_rank import (_EPS, adaptive_ranks, clamp_rank, layer_importances,
@@ -103,6 +104,8 @@ class SVDOrthogonalConfig:
     svd_power_iters: int = 2
     # Keep AdamW's state across tasks instead of a fresh optimizer per task.
     carry_optimizer: bool = False
+    # trainer.sharding=fsdp: targets per all-gather / all-reduce bucket of the projection (MiB).
+    sharded_bucket_mb: float = 256.0
 
 
 def _choice(value: str, key: str, allowed) -> str:
@@ -147,6 +150,7 @@ class SVDOrthogonal(Strategy):
         self.carry_optimizer = bool(c.carry_optimizer)
         self.targets: list[Target] = []
         self.groups: Optional[ops.ProjectionGroups] = None
+        self.sharded = None  # ShardedSubspaces under trainer.sharding=fsdp
         self._accumulated: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._frozen: list[str] = []
         self._in_task = False
@@ -163,6 +167,13 @@ class SVDOrthogonal(Strategy):
         super().setup(ctx)
         model = ctx.unwrapped_model
         self.targets = find_targets(model, ctx.model_family, plain_config(self.config.targets) or {})
+        self._k_per_target = {t.name: [] for t in self.targets}
+        if any(is_sharded(t.param) for t in self.targets):
+            from cl_runner.strategies.svd_sharded import ShardedSubspaces
+
+            self.sharded = ShardedSubspaces([(t.name, t.param) for t in self.targets], self.config.projection,
+                                            BASIS_DTYPES[self.config.basis_dtype], self.config.sharded_bucket_mb)
+            return
         self.groups = ops.ProjectionGroups(
             [(t.name, t.param) for t in self.targets], mode=self.config.projection,
             basis_dtype=BASIS_DTYPES[self.config.basis_dtype])
@@ -173,6 +184,9 @@ class SVDOrthogonal(Strategy):
         started = time.perf_counter()
         ks, source, importance_seconds = self._choose_ranks(t, task)
         svd_started = time.perf_counter()
+        if self.sharded is not None:
+            self._sharded_bases(t, task, ks, source, importance_seconds, started, svd_started)
+            return
         weights = [tg.param.detach() for tg in self.targets]
         c = self.config
         bases, stats = ops.top_k_bases(weights, ks, method=c.svd_method,
@@ -189,8 +203,39 @@ class SVDOrthogonal(Strategy):
         svd_seconds = time.perf_counter() - svd_started
         self._freeze_untargeted()
         self._in_task, self._task = True, t
-        self._record(t, task, named, source, importance_seconds, svd_seconds,
-                     time.perf_counter() - started, stats)
+        k_pairs = [(int(named[tg.name][0].shape[1]), int(named[tg.name][1].shape[1])) for tg in self.targets]
+        self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
+                     time.perf_counter() - started, sum(stats.residual_fro) / len(stats.residual_fro))
+
+    def _sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
+                       started: float, svd_started: float) -> None:
+        """The task's bases on FSDP-sharded targets: each SVD on one rank in turn."""
+        import torch.distributed as dist
+
+        c = self.config
+        residuals = torch.zeros(len(self.targets), dtype=torch.float64)
+
+        def decompose(w: torch.Tensor, k: int, i: int):
+            ((u, v),), stats = ops.top_k_bases([w], [k], method=c.svd_method, oversample=c.svd_oversample,
+                                           power_iters=c.svd_power_iters, out_dtype=torch.float32,
+                                           return_stats=True, seed=self.ctx.seed + t)
+            residuals[i] = stats.residual_fro[0]
+            return u, v
+
+        def combine(i: int, u: torch.Tensor, v: torch.Tensor, old):
+            tg = self.targets[i]
+            cap = clamp_rank(math.floor(c.rank_budget * tg.rank_dim + _EPS), tg.rank_dim)
+            return _union(None if old is None else old[0], u, cap), _union(None if old is None else old[1], v, cap)
+
+        k_pairs = self.sharded.set_bases_from_weights(ks, decompose, combine if c.bases == "accumulate" else None)
+        device = self.targets[0].param.device
+        summed = residuals.to(device)
+        dist.all_reduce(summed)  # each residual was computed on its target's rank only
+        svd_seconds = time.perf_counter() - svd_started
+        self._freeze_untargeted()
+        self._in_task, self._task = True, t
+        self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
+                     time.perf_counter() - started, float(summed.sum()) / len(self.targets))
 
     def _choose_ranks(self, t: int, task: Task) -> tuple[list[int], str, float]:
         r = self.config.rank
@@ -267,16 +312,26 @@ class SVDOrthogonal(Strategy):
         if not self._in_task:
             return
         started = time.perf_counter()
-        self.groups.project_grads_()
+        if self.sharded is not None:
+            self.sharded.project_grads_()
+        else:
+            self.groups.project_grads_()
         _sync(self.targets[0].param.device)
         self._grad_seconds += time.perf_counter() - started
         self._steps += 1
+
+    def before_optimizer_step(self) -> None:
+        if self._in_task and self.sharded is not None:
+            self.sharded.remember_weights()
 
     def after_optimizer_step(self) -> None:
         if not self._in_task:
             return
         started = time.perf_counter()
-        self.groups.project_weight_update_()
+        if self.sharded is not None:
+            self.sharded.project_update_()
+        else:
+            self.groups.project_weight_update_()
         _sync(self.targets[0].param.device)
         self._update_seconds += time.perf_counter() - started
 
@@ -285,10 +340,10 @@ class SVDOrthogonal(Strategy):
         self._in_task = False
 
     # ------------------------------------------------------------------ bookkeeping
-    def _record(self, t: int, task: Task, named: dict, source: str, importance_seconds: float,
-                svd_seconds: float, total_seconds: float, stats: Any) -> None:
-        k_left = [int(named[tg.name][0].shape[1]) for tg in self.targets]
-        k_right = [int(named[tg.name][1].shape[1]) for tg in self.targets]
+    def _record(self, t: int, task: Task, k_pairs: list[tuple[int, int]], source: str, importance_seconds: float,
+                svd_seconds: float, total_seconds: float, residual_mean: float) -> None:
+        k_left = [kl for kl, _ in k_pairs]
+        k_right = [kr for _, kr in k_pairs]
         for tg, kl, kr in zip(self.targets, k_left, k_right):
             self._k_per_target[tg.name].append([kl, kr])
         fractions = [kl / tg.rank_dim for tg, kl in zip(self.targets, k_left)]
@@ -299,7 +354,7 @@ class SVDOrthogonal(Strategy):
             "state_bytes": self.extra_state_bytes(),
             "k_min": min(k_left), "k_mean": sum(k_left) / len(k_left), "k_max": max(k_left),
             "preserved_fraction_mean": sum(fractions) / len(fractions),
-            "svd_residual_fro_mean": sum(stats.residual_fro) / len(stats.residual_fro),
+            "svd_residual_fro_mean": residual_mean,
             "frozen_untargeted": len(self._frozen),
         }
         if self.config.bases == "accumulate":
@@ -312,6 +367,7 @@ class SVDOrthogonal(Strategy):
         return {
             "version": _STATE_VERSION, "task": self._task, "in_task": self._in_task,
             "groups": self.groups.state_dict() if self.groups is not None else None,
+            "sharded": self.sharded.state_dict() if self.sharded is not None and self._task >= 0 else None,
             "accumulated": dict(self._accumulated), "history": list(self._history),
             "k_per_target": {k: list(v) for k, v in self._k_per_target.items()},
             "importance_per_target": {k: list(v) for k, v in self._importance_per_target.items()},
@@ -324,7 +380,15 @@ class SVDOrthogonal(Strategy):
             raise ValueError(f"svd_orthogonal state version {state.get('version')!r}; this "
                              f"code reads version {_STATE_VERSION}")
         self._task, self._in_task = state["task"], state["in_task"]
-        if state["groups"] is not None and self._task >= 0:
+        if state.get("sharded") is not None and self._task >= 0:
+            if self.sharded is None:
+                raise ValueError("svd_orthogonal: this checkpoint was written by a sharded (trainer.sharding=fsdp) run; "
+                                 "resume it with trainer.sharding=fsdp")
+            self.sharded.load_state_dict(state["sharded"])
+        elif state["groups"] is not None and self._task >= 0:
+            if self.groups is None:
+                raise ValueError("svd_orthogonal: this checkpoint was written by an unsharded run; resume it "
+                                 "with trainer.sharding=none")
             self.groups.load_state_dict(state["groups"])
         self._accumulated = dict(state["accumulated"])
         self._history = list(state["history"])
@@ -335,11 +399,14 @@ class SVDOrthogonal(Strategy):
         self._steps = state["steps"]
         if self._in_task:  # resumed mid-task: before_task is not called again
             self._freeze_untargeted()
-            self.groups.attach_grads()
+            if self.groups is not None:
+                self.groups.attach_grads()
 
     def _basis_bytes(self) -> int:
         """Bytes of the stored bases alone (U, V or their complements, padded per bucket);
         `extra_state_bytes` adds the weight anchors of ops.ProjectionGroups."""
+        if self.sharded is not None:
+            return self.sharded.nbytes()
         if self.groups is None:
             return 0
         size = torch.empty((), dtype=BASIS_DTYPES[self.config.basis_dtype]).element_size()
@@ -347,6 +414,8 @@ class SVDOrthogonal(Strategy):
                    for b in self.groups.layout()) * size
 
     def extra_state_bytes(self) -> int:
+        if self.sharded is not None:
+            return self.sharded.nbytes()
         total = self.groups.nbytes() if self.groups is not None else 0
         return total + tensor_bytes(list(self._accumulated.values()))
 

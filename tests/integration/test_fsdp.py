@@ -1,0 +1,81 @@
+"""`trainer.sharding=fsdp` (FSDP2 over gloo on CPUs): a sharded run of N processes gives
+the run of one unsharded process with the same global batch, for every strategy: the
+same R, weights equal up to float reduction order, strategy state per rank ∝ 1/N."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cl
+
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+# 2 tasks x 6 steps on tiny_llama (dims divisible by 2 and 4: even shards); global batch 16.
+BASE = ["logger=none", "model=tiny_llama", "trainer.steps_per_task=6", "task_stream.train_size=64",
+        "task_stream.test_size=10", "task_stream.order=[increment,decrement]", "trainer.progress_bar=false",
+        "save_final_model=true", "trainer.lr=0.003"]
+GLOBAL_BATCH = 16
+CASES = {
+    "seq_ft": [],
+    "multitask": ["strategy=multitask"],
+    "replay+rewarm": ["replay.enabled=true", "replay.ratio=0.25", "lr_schedule.enabled=true",
+                      "lr_schedule.name=rewarm_cosine"],
+    "ewc": ["strategy=ewc", "strategy.ewc_lambda=100"],
+    "hft": ["strategy=hft"],
+    "classp": ["strategy=classp"],
+    "lines": ["lines.enabled=true"],
+    "svd_orthogonal": ["strategy=svd_orthogonal"],
+}
+
+
+# Strategies whose state is tensors shaped like the weights (replay's buffer is examples).
+TENSOR_STATE = ("ewc", "lines", "svd_orthogonal", "classp", "hft")
+
+
+def torchrun(n: int, overrides: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           "-m", "cl_runner.cli", *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final_model" / "model.safetensors"))
+
+
+def sharded_run(n: int, overrides: list[str], run_dir, cwd) -> dict:
+    done = torchrun(n, overrides + ["trainer.sharding=fsdp", f"trainer.batch_size={GLOBAL_BATCH // n}",
+                                    f"output_dir={run_dir}"], cwd)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 5e-3) -> None:
+    assert a.keys() == b.keys()
+    for name, weight in b.items():
+        gap = (a[name].float() - weight.float()).norm() / (weight.float().norm() + 1e-12)
+        assert gap < tol, (name, float(gap))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sharded_processes_match_one_unsharded(case, tmp_path):
+    overrides = BASE + CASES[case]
+    two = sharded_run(2, overrides, tmp_path / "two", tmp_path)
+    one, one_dir = run_cl(overrides + [f"trainer.batch_size={GLOBAL_BATCH}", f"output_dir={tmp_path / 'one'}"],
+                          tmp_path)
+    assert two["distributed"] == {"world_size": 2, "sharding": "fsdp"}
+    assert one["distributed"] == {"world_size": 1, "sharding": "none"}
+    assert two["R"] == one["R"]
+    assert_close_weights(final_weights(tmp_path / "two"), final_weights(one_dir))
+    if case in TENSOR_STATE:
+        assert two["strategy_extra_bytes"] <= 0.55 * one["strategy_extra_bytes"], (two["strategy_extra_bytes"],
+                                                                                   one["strategy_extra_bytes"])
