@@ -184,6 +184,9 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         # its destructor can abort a rank at exit ("terminate called without an active
         # exception") and the launcher then kills the others. No-op on one process.
         accelerator.end_training()
+        from cl_runner.sharding import release_process_group
+
+        release_process_group()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

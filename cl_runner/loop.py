@@ -458,6 +458,12 @@ class ContinualLoop:
                 where = "end of" if self.progress.task_done else f"step {self.progress.step} of"
                 print(f"[cl-run] resuming from {path.name} (saved by {meta['world_size']} process(es)): "
                       f"{where} task {self.progress.task + 1}", flush=True)
+                world = self.accelerator.num_processes
+                if meta["world_size"] != world:
+                    print(f"[cl-run] warning: saved by {meta['world_size']} process(es), resumed on {world}: "
+                          f"trainer.batch_size={self.trainer.batch_size} is per process, so the global batch is now "
+                          f"{self.trainer.batch_size * world} (was {self.trainer.batch_size * meta['world_size']})",
+                          file=sys.stderr, flush=True)
             return self.progress
         return None
 

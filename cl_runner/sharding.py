@@ -34,9 +34,25 @@ def ensure_process_group(device: torch.device) -> None:
     without a launcher): make a single-rank one when none exists."""
     import torch.distributed as dist
 
+    global _OWN_GROUP
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        _OWN_GROUP = True
+
+
+def release_process_group() -> None:
+    """Destroy the single-rank group `ensure_process_group` made (a later run in the same
+    Python process, e.g. the next job of a sweep, must not find it)."""
+    import torch.distributed as dist
+
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP = False
+
+
+_OWN_GROUP = False
 
 
 def global_sum(values: Iterable[torch.Tensor]) -> float:

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from cl_runner.ops.selection import kth_largest
+from cl_runner.sharding import is_sharded, local
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.lr_schedule import OWNS_UPDATE_RULE, SCHEDULE_ADDON
 from cl_runner.strategies.registry import register
@@ -66,12 +68,16 @@ class ClaSPConfig:
     follow_trainer_schedule: bool = False
 
 
+def quantile_count(numel: int, update_fraction: float) -> int:
+    return min(numel, max(1, int(round(update_fraction * numel))))
+
+
 def update_mask(grad: torch.Tensor, threshold_mode: str, threshold: float, update_fraction: float) -> torch.Tensor:
-    """Which weights of one tensor move this step."""
+    """Which weights of one (whole, unsharded) tensor move this step."""
     if threshold_mode == "absolute":
         return grad.pow(2) > threshold
     flat = grad.abs().flatten()
-    k = min(flat.numel(), max(1, int(round(update_fraction * flat.numel()))))
+    k = quantile_count(flat.numel(), update_fraction)
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[flat.topk(k, sorted=False).indices] = True
     return mask.view_as(grad)
@@ -99,6 +105,7 @@ class ClaSPOptimizer(torch.optim.Optimizer):
                 loss = closure()
         updated: Any = 0
         considered = 0
+        cutoffs = self._sharded_cutoffs()
         for group in self.param_groups:
             lr, eps, root = group["lr"], group["eps"], 1.0 / group["power"]
             for p in group["params"]:
@@ -117,17 +124,35 @@ class ClaSPOptimizer(torch.optim.Optimizer):
                         p.add_((g / (acc + eps).pow(root)).to(p.dtype), alpha=-lr)
                         updated = updated + g.numel()
                     continue
-                mask = update_mask(g, group["threshold_mode"], group["threshold"], group["update_fraction"])
+                if p in cutoffs:  # a shard of the tensor: the whole tensor's k-th largest |g|
+                    g, acc, target = local(g), local(acc), local(p)
+                    mask = g.abs() >= cutoffs[p]
+                else:
+                    target = p
+                    mask = update_mask(g, group["threshold_mode"], group["threshold"], group["update_fraction"])
                 grown = torch.where(mask, g.abs().pow(group["power"]), 0.0)
                 if group["sum_includes_current"]:
                     acc.add_(grown)
                 step = torch.where(mask, g / (acc + eps).pow(root), 0.0)
-                p.add_(step.to(p.dtype), alpha=-lr)
+                target.add_(step.to(target.dtype), alpha=-lr)
                 if not group["sum_includes_current"]:
                     acc.add_(grown)  # the paper: g_t joins the sum after its own step
                 updated = updated + mask.sum()
         self.last_updated, self.last_considered = updated, considered
         return loss
+
+    def _sharded_cutoffs(self) -> dict[Any, float]:
+        """Quantile mode on FSDP-sharded gradients: per parameter, the k-th largest |g| of
+        the whole tensor (exact, from counts all-reduced over ranks; see ops.selection).
+        Weights with |g| at or above it move: the unsharded top-k, up to ties."""
+        chosen = [(p, group["update_fraction"]) for group in self.param_groups
+                  if group["threshold_mode"] == "quantile" and not group["reference_code_compat"]
+                  for p in group["params"] if p.grad is not None and is_sharded(p.grad)]
+        if not chosen:
+            return {}
+        values = [local(p.grad).float().abs() for p, _ in chosen]
+        ks = [quantile_count(p.numel(), fraction) for p, fraction in chosen]
+        return {p: cutoff for (p, _), cutoff in zip(chosen, kth_largest(values, ks))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

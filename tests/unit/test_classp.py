@@ -178,3 +178,17 @@ def test_sum_includes_current_by_hand():
     first, _ = run([[2.0]], lr=0.1, threshold=0.25, eps=1e-5, sum_includes_current=True)
     paper, _ = run([[2.0]], lr=0.1, threshold=0.25, eps=1e-5)
     assert float(first.detach()) == pytest.approx(-0.1, rel=1e-4) and float(paper.detach()) == pytest.approx(-2e4)
+
+
+def test_kth_largest_by_radix_select_matches_topk():
+    """The sharded quantile threshold (exact, from byte histograms) equals topk's k-th
+    value, zeros and repeated values included; several tensors in one call."""
+    from cl_runner.ops.selection import kth_largest
+
+    torch.manual_seed(0)
+    a = torch.randn(1000).abs()
+    a[:50] = 0.0
+    b = torch.tensor([0.5, 0.5, 0.25, 3.0, 1e-30, 7.0])
+    for k_a, k_b in [(1, 1), (100, 2), (970, 3), (1000, 6)]:
+        got = kth_largest([a, b], [k_a, k_b])
+        assert got == [a.topk(k_a).values[-1].item(), b.topk(k_b).values[-1].item()]
