@@ -181,3 +181,25 @@ def test_the_sbatch_script_asks_for_the_nodes_tasks_and_gpus(tmp_path, monkeypat
         assert f"#SBATCH {flag}\n" in script, (flag, script)
     assert "--mem=" not in script
     assert "srun --unbuffered" in script  # one process per task, each running the Hydra job
+
+
+def test_the_readme_slurm_recipe_composes_and_validates():
+    """README's 2 nodes x 8 GPUs FSDP + bf16 sweep, one of its configs (trace_paper brings
+    trainer=finetune, which must take trainer.sharding too)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from omegaconf import open_dict
+
+    from cl_runner.config import validate
+
+    cfg = compose_with_hydra([
+        "launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=8", "hydra.launcher.tasks_per_node=8", "hydra.launcher.mem_per_gpu=120G",
+        "hydra.launcher.timeout_min=1440", "experiment=trace_paper", "task_stream.data_dir=/data/TRACE",
+        "model=llama2_7b_chat", "trainer.sharding=fsdp", "trainer.precision=bf16", "trainer.batch_size=4",
+        "strategy=svd_orthogonal", "seed=1"])
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    run = validate(cfg)
+    assert (run.trainer.sharding, run.trainer.precision, run.model.name) == ("fsdp", "bf16", "llama2_7b_chat")
