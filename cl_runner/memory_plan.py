@@ -11,14 +11,19 @@ Rows, per rank:
   is the fp32-master set-up: fp32 weights, gradients and moments, bf16 compute);
 - the strategy's own state (EWC's Fisher and anchor, svd_orthogonal's bases and weight
   anchors, LiNeS' reference copy, HFT's saved values), counted the way the strategy code
-  allocates it, and its largest transient working set where it has one;
+  allocates it, and its largest transient working set where it has one. svd_orthogonal has
+  two implementations: `ops.ProjectionGroups` (bases or complements, weight anchors) with
+  `trainer.sharding=none`, `strategies/svd_sharded.ShardedSubspaces` (row-sharded bases
+  only, bucketed all-gathers of the right sides, a copy of the local target rows across the
+  optimizer step) with `fsdp`; the plan counts the one the run would use;
 - what the parallel set-up adds: DDP's gradient buckets (a second copy of the gradients)
   with `trainer.sharding=none` on several ranks, FSDP's all-gathered units with `fsdp`,
   autocast's bf16 copies of fp32 weights under mixed precision;
 - activations: a rough estimate, labelled as such.
 
 Under `trainer.sharding=fsdp` parameters, gradients, optimizer and strategy state are
-divided by the world size; under `none` (one process or DDP) every rank holds them all.
+divided by the world size (svd_orthogonal's sharded bases as ShardedSubspaces chunks them:
+ceil(rows / world) per rank); under `none` (one process or DDP) every rank holds them all.
 World size: `plan_world_size`, else $WORLD_SIZE, else 1. `plan_gpu_memory_gb` (GiB per
 GPU, 80 for an 80 GB A100/H100) adds a fits / does-not-fit verdict.
 """
@@ -28,7 +33,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -152,6 +157,19 @@ class ModelFacts:
 
 
 @dataclass
+class ShardedEstimate:
+    """A strategy's own implementation under `trainer.sharding=fsdp` at one world size,
+    where that is not its unsharded state split evenly (svd_orthogonal's ShardedSubspaces):
+    bytes as that code lays them out on the rank that holds the most (rank 0)."""
+    state_unsharded: int  # the same implementation at world size 1
+    state_per_rank: int
+    transient_unsharded: int
+    transient_per_rank: int
+    notes: list[str] = field(default_factory=list)
+    transient_note: str = ""
+
+
+@dataclass
 class StrategyEstimate:
     name: str
     state_bytes: int = 0
@@ -161,6 +179,14 @@ class StrategyEstimate:
     optimizer_note: str = ""
     notes: list[str] = field(default_factory=list)
     transient_note: str = ""
+    # trainer.sharding=fsdp with an implementation of its own: world size -> its estimate,
+    # which then replaces state_bytes / transient_bytes (add-ons below are split evenly).
+    sharded: Optional[Callable[[int], ShardedEstimate]] = None
+    # Add-ons (LiNeS) summed into the fields above, kept apart for `sharded`.
+    addon_state_bytes: int = 0
+    addon_notes: list[str] = field(default_factory=list)
+    addon_transient_bytes: int = 0
+    addon_transient_note: str = ""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -370,7 +396,8 @@ def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> 
         if bases + anchors > best[0]:
             best = (bases + anchors, bases, anchors, fraction)
     total, bases, anchors, fraction = best
-    notes = [f"{len(targets)} targets, {how}: bases {gib(bases)}, weight anchors {gib(anchors)}"]
+    notes = [f"ops.ProjectionGroups (the unsharded implementation): {len(targets)} targets, {how}: "
+             f"bases {gib(bases)}, weight anchors {gib(anchors)}"]
     if s.bases == "accumulate":
         kept = sum((m + n) * _svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes) * FP32
         total += kept
@@ -386,11 +413,100 @@ def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> 
         dense = 2 * k > min(m, n)
         transient = max(transient, count * m * n * FP32 * (2 if dense else 1))
     trainable = sum(m * n for m, n in shapes) if s.freeze_untargeted else None
+    freeze = ["freeze_untargeted: only the targets train (gradients and optimizer state for them alone)"]
     if s.freeze_untargeted:
-        notes.append("freeze_untargeted: only the targets train (gradients and optimizer state for them alone)")
+        notes += freeze
+
+    def sharded(world: int) -> ShardedEstimate:
+        est = _estimate_svd_sharded(s, shapes, basis_bytes, param_bytes, n_tasks, world, how)
+        if s.freeze_untargeted:
+            est.notes += freeze
+        return est
+
     return StrategyEstimate("svd_orthogonal", state_bytes=total, transient_bytes=transient,
                             trainable_params=trainable, notes=notes,
-                            transient_note="fp32 stack of the largest same-shape bucket in the weight projection")
+                            transient_note="fp32 stack of the largest same-shape bucket in the weight projection",
+                            sharded=sharded)
+
+
+def svd_sharded_side_widths(m: int, n: int, k: int, projection: str = "two_sided") -> tuple[int, int]:
+    """(left, right) columns `ShardedSubspaces` stores for one m x n target preserving k
+    directions per side: U (m x k) and V (n x k), or in two_sided mode a side's orthonormal
+    complement (dim - k columns) where 2k > dim; high_block always keeps the bases."""
+    def width(dim: int) -> int:
+        return dim - k if projection == "two_sided" and 2 * k > dim else k
+
+    return width(m), width(n)
+
+
+def svd_sharded_bytes(shapes: list[tuple[int, int]], ks: list[int], world: int, projection: str = "two_sided",
+                      basis_bytes: int = FP32, param_bytes: int = FP32,
+                      bucket_mb: float = 256.0) -> tuple[int, int, int, int]:
+    """What `strategies/svd_sharded.ShardedSubspaces` holds on rank 0 (the largest chunks)
+    at `world` ranks: (bases, largest projection bucket, W_before, number of buckets).
+
+    bases: per target, the left side's rows split like the weight and the right side's in
+    even chunks, ceil(dim / world) rows each, in the basis dtype; no weight anchors.
+    bucket: targets packed in order while their (n x right + left x n) x 4 bytes fit in
+    `bucket_mb` (ShardedSubspaces._buckets); a bucket holds the all-gathered right sides
+    (n x width, fp32), the products (left width x n, or k x k in high_block, fp32) and fp32
+    work copies of the local rows (ceil(m / world) x n).
+    W_before: every target's local rows in the weights' dtype, from before the optimizer
+    step to the projection of its update (remember_weights)."""
+    limit = int(bucket_mb * 2 ** 20)
+    bases = before = 0
+    buckets: list[int] = []
+    size = work = 0
+    opened = False
+    for (m, n), k in zip(shapes, ks):
+        lw, rw = svd_sharded_side_widths(m, n, k, projection)
+        rows_m, rows_n = math.ceil(m / world), math.ceil(n / world)
+        bases += (rows_m * lw + rows_n * rw) * basis_bytes
+        before += rows_m * n * param_bytes
+        cost = (n * rw + lw * n) * 4
+        if opened and size + cost > limit:
+            buckets.append(work)
+            size = work = 0
+        opened = True
+        size += cost
+        product = lw * rw if projection == "high_block" else lw * n
+        work += (n * rw + product + rows_m * n) * FP32
+    if opened:
+        buckets.append(work)
+    return bases, max(buckets, default=0), before, len(buckets)
+
+
+def _estimate_svd_sharded(s: Any, shapes: list[tuple[int, int]], basis_bytes: int, param_bytes: int,
+                          n_tasks: int, world: int, how: str) -> ShardedEstimate:
+    from cl_runner.strategies.svd_rank import scheduled_fraction
+
+    r = s.rank
+    base, rounding = (1.0 - r.unfreeze_ratio, "floor") if r.mode == "ratio" else (r.trr, "half_up")
+    mb = float(s.get("sharded_bucket_mb", 256.0))
+    worst = {1: (0, 0, 0, 0), world: (0, 0, 0, 0)}
+    for t in range(max(1, n_tasks)):  # the schedule may grow k: the largest over the tasks
+        if s.bases == "accumulate":  # the union never grows past its rank_budget
+            ks = [_svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes]
+        else:
+            fraction = scheduled_fraction(base, t, r.schedule_step, r.schedule_cap)
+            ks = [_svd_k(min(m, n), fraction, rounding) for m, n in shapes]
+        for w in worst:
+            got = svd_sharded_bytes(shapes, ks, w, s.projection, basis_bytes, param_bytes, mb)
+            worst[w] = tuple(max(a, b) for a, b in zip(worst[w], got))  # type: ignore[assignment]
+    (bases1, bucket1, before1, _), (bases, bucket, before, n_buckets) = worst[1], worst[world]
+    sides = "basis" if s.projection == "high_block" else "basis or complement"
+    notes = [f"strategies/svd_sharded.ShardedSubspaces (the trainer.sharding=fsdp implementation): "
+             f"{len(shapes)} targets, {how}: bases only ({sides} per side, {basis_bytes} B), in row shards of "
+             f"ceil(rows / {world}), no weight anchors"]
+    if s.bases == "accumulate":
+        notes.append(f"bases=accumulate: the union at its rank_budget={s.rank_budget:g} (worst case), kept only "
+                     "as the stored sides")
+    transient_note = (f"ShardedSubspaces per step: the largest of {n_buckets} projection buckets "
+                      f"(sharded_bucket_mb={mb:g}; all-gathered right sides, products, fp32 work rows) "
+                      f"{gib(bucket)} + W_before (every target's local rows in the weights' dtype, {param_bytes} B, "
+                      f"across the optimizer step) {gib(before)}")
+    return ShardedEstimate(state_unsharded=bases1, state_per_rank=bases, transient_unsharded=bucket1 + before1,
+                           transient_per_rank=bucket + before, notes=notes, transient_note=transient_note)
 
 
 def _estimate_ewc(s: Any, facts: ModelFacts, trainable: int, n_tasks: int) -> StrategyEstimate:
@@ -476,8 +592,12 @@ def strategy_estimate(cfg: Any, facts: ModelFacts, n_tasks: int) -> StrategyEsti
         extra = _estimate_lines(lines, facts, param_bytes)
         est.state_bytes += extra.state_bytes
         est.notes += extra.notes
+        est.addon_state_bytes += extra.state_bytes
+        est.addon_notes += extra.notes
         if extra.transient_bytes > est.transient_bytes:
             est.transient_bytes, est.transient_note = extra.transient_bytes, extra.transient_note
+        if extra.transient_bytes > est.addon_transient_bytes:
+            est.addon_transient_bytes, est.addon_transient_note = extra.transient_bytes, extra.transient_note
     replay = cfg.get("replay")
     if replay is not None and replay.get("enabled"):
         est.notes.append("replay: its buffer is examples in host memory (negligible on the GPU)")
@@ -519,9 +639,21 @@ def assemble(cfg: Any, facts: ModelFacts, est: StrategyEstimate, world_size: int
                         f"AdamW exp_avg + exp_avg_sq in {dtype} (torch keeps them in the weights' dtype)"))
     else:
         rows.append(row("optimizer state", T * est.optimizer_bytes_per_param, est.optimizer_note))
-    rows.append(row(f"strategy state ({est.name})", est.state_bytes, "; ".join(est.notes)))
-    if est.transient_bytes:
-        rows.append(row("strategy working set (est.)", est.transient_bytes, est.transient_note))
+    own = est.sharded(world_size) if sharding == "fsdp" and est.sharded is not None else None
+    if own is None:
+        rows.append(row(f"strategy state ({est.name})", est.state_bytes, "; ".join(est.notes)))
+        if est.transient_bytes:
+            rows.append(row("strategy working set (est.)", est.transient_bytes, est.transient_note))
+    else:  # the strategy's sharded implementation, plus any add-on split evenly
+        addon = row("", est.addon_state_bytes, "")
+        rows.append(PlanRow(f"strategy state ({est.name})", own.state_unsharded + addon.unsharded_bytes,
+                            own.state_per_rank + addon.per_rank_bytes, "; ".join(own.notes + est.addon_notes)))
+        extra = row("strategy working set (est.)", est.addon_transient_bytes, est.addon_transient_note)
+        if own.transient_per_rank >= extra.per_rank_bytes and own.transient_per_rank:
+            rows.append(PlanRow("strategy working set (est.)", own.transient_unsharded, own.transient_per_rank,
+                                own.transient_note))
+        elif extra.per_rank_bytes:
+            rows.append(extra)
     if sharding == "none" and world_size > 1:
         rows.append(row("DDP gradient buckets", T * pb, "DDP reduces gradients through a bucketed copy of them",
                         sharded=False))

@@ -11,7 +11,7 @@ import torch
 
 from cl_runner.config import ConfigError, validate
 from cl_runner.memory_plan import (ModelFacts, activation_bytes, build_plan, format_plan, model_facts,
-                                   svd_target_bytes)
+                                   svd_sharded_bytes, svd_target_bytes)
 from tests.conftest import compose
 
 # tiny_llama (configs/model/tiny_llama.yaml) with the byte tokenizer (259 ids): hidden 64,
@@ -119,6 +119,95 @@ def test_svd_orthogonal_state_matches_the_strategy(tiny_facts, unfreeze):
                                    model_family="llama", seed=0, trainer=cfg.trainer, loss_fn=None, collate=None))
     strategy.before_task(0, SimpleNamespace(name="t0"))
     assert strategy.extra_state_bytes() == plan.row("strategy state").per_rank_bytes
+
+
+@pytest.mark.parametrize("unfreeze, projection", [(0.25, "two_sided"), (0.75, "two_sided"), (0.25, "high_block")])
+def test_svd_sharded_state_matches_sharded_subspaces(tiny_facts, unfreeze, projection):
+    """Under trainer.sharding=fsdp the plan counts strategies/svd_sharded.ShardedSubspaces
+    (bases only, no anchors): its bytes on a real FSDP2-sharded tiny LLaMA in a one-process
+    gloo group, after set_bases_from_weights with the ratio-mode ranks."""
+    import torch.distributed as dist
+
+    from cl_runner.models import build_model
+    from cl_runner.sharding import shard_model
+    from cl_runner.strategies.base import plain_config
+    from cl_runner.strategies.svd_rank import ratio_ranks
+    from cl_runner.strategies.svd_sharded import ShardedSubspaces
+    from cl_runner.strategies.svd_targets import find_targets
+
+    cfg = cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.rank.mode=ratio",
+                  f"strategy.rank.unfreeze_ratio={unfreeze}", f"strategy.projection={projection}",
+                  "trainer.sharding=fsdp")
+    plan = build_plan(cfg, world_size=1, facts=tiny_facts)
+    state = plan.row("strategy state")
+    assert plan.sharding == "fsdp" and "ShardedSubspaces" in state.note
+    unsharded = build_plan(cfg, world_size=1, sharding="none", facts=tiny_facts).row("strategy state")
+    assert "ProjectionGroups" in unsharded.note and state.per_rank_bytes < unsharded.per_rank_bytes  # no anchors
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = shard_model(build_model(cfg.model).model, cfg.trainer)
+        targets = find_targets(model, "llama", plain_config(cfg.strategy.targets) or {})
+        assert len(targets) == 7 * BLOCKS
+        sharded = ShardedSubspaces([(t.name, t.param) for t in targets], projection, torch.float32,
+                                   cfg.strategy.sharded_bucket_mb)
+
+        def decompose(w, k, i):
+            u, _, vh = torch.linalg.svd(w, full_matrices=False)
+            return u[:, :k], vh[:k].T
+
+        ks = ratio_ranks([t.rank_dim for t in targets], 1 - unfreeze)
+        assert sharded.set_bases_from_weights(ks, decompose) == [(k, k) for k in ks]
+        assert sharded.nbytes() == state.per_rank_bytes == state.unsharded_bytes
+        shapes = [t.shape for t in targets]
+        assert len(sharded._buckets()) == svd_sharded_bytes(shapes, ks, 1, projection)[3] == 1
+        sharded.bucket_bytes = int(0.01 * 2 ** 20)  # the plan packs buckets as ShardedSubspaces does
+        assert [len(b) for b in sharded._buckets()] == [1] * len(targets)
+        assert svd_sharded_bytes(shapes, ks, 1, projection, bucket_mb=0.01)[3] == len(targets)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_svd_sharded_plan_at_world_8_by_hand(tiny_facts):
+    """Row chunks of ceil(dim / 8): 64 rows -> 8, 172 rows -> 22 (rank 0's share). k = 48 of
+    64: the 64-row sides through their 16-column complement, the 172-row sides as the
+    48-column basis (2 x 48 <= 172)."""
+    cfg = cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.rank.mode=ratio",
+                  "strategy.rank.unfreeze_ratio=0.25")
+    plan = build_plan(cfg, world_size=8, sharding="fsdp", facts=tiny_facts)
+    c64, c172 = math.ceil(64 / 8), math.ceil(172 / 8)
+    assert (c64, c172) == (8, 22)
+    attn = c64 * 16 + c64 * 16  # q, k, v, o (64 x 64): left and right complements
+    up = c172 * 48 + c64 * 16  # gate, up (172 x 64): left basis, right complement
+    down = c64 * 16 + c172 * 48  # down (64 x 172): left complement, right basis
+    bases = BLOCKS * (4 * attn + 2 * up + down) * 4
+    assert bases == 36_608
+    state = plan.row("strategy state")
+    assert state.per_rank_bytes == bases
+    assert state.unsharded_bytes == BLOCKS * (4 * 2 * 64 * 16 + 3 * (172 * 48 + 64 * 16)) * 4  # world 1
+    # Working set: the whole model is one 256 MiB bucket: gathered right sides (n x width),
+    # products (left width x n), fp32 work rows (ceil(m/8) x n); plus W_before (fp32 weights here).
+    bucket = BLOCKS * (4 * (64 * 16 + 16 * 64 + c64 * 64) + 2 * (64 * 16 + 48 * 64 + c172 * 64)
+                       + (172 * 48 + 16 * 172 + c64 * 172)) * 4
+    before = BLOCKS * (4 * c64 * 64 + 2 * c172 * 64 + c64 * 172) * 4
+    assert plan.row("strategy working set").per_rank_bytes == bucket + before == 318_976
+    # One target per bucket (each costs > half of 0.01 MiB): the largest is a down projection's.
+    small = build_plan(cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.rank.mode=ratio",
+                               "strategy.rank.unfreeze_ratio=0.25", "strategy.sharded_bucket_mb=0.01"),
+                       world_size=8, sharding="fsdp", facts=tiny_facts)
+    assert small.row("strategy working set").per_rank_bytes == (172 * 48 + 16 * 172 + c64 * 172) * 4 + before
+    assert "of 14 projection buckets" in small.row("strategy working set").note
+    # LiNeS beside it: its fp32 reference split evenly on top of the sharded bases.
+    lines = build_plan(cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.rank.mode=ratio",
+                               "strategy.rank.unfreeze_ratio=0.25", "lines.enabled=true"),
+                       world_size=8, sharding="fsdp", facts=tiny_facts)
+    assert lines.row("strategy state").per_rank_bytes == bases + math.ceil(4 * TINY_LLAMA_PARAMS / 8)
+    # trainer.sharding=none: the unsharded implementation, unchanged (bases + anchors on every rank).
+    ddp = build_plan(cfg, world_size=8, sharding="none", facts=tiny_facts)
+    assert ddp.row("strategy state").per_rank_bytes == build_plan(cfg, world_size=1, sharding="none",
+                                                                  facts=tiny_facts).row("strategy state").per_rank_bytes
 
 
 def test_freezing_strategies_shrink_gradients_and_optimizer(tiny_facts):
