@@ -17,7 +17,7 @@ NEWEST := $(if $(CONSTRAINTS),,--upgrade --upgrade-strategy eager)
 # CONSTRAINTS or TORCH_SPEC given on the command line: install again, even if done before.
 REINSTALL := $(if $(filter command line,$(origin CONSTRAINTS) $(origin TORCH_SPEC)),FORCE)
 
-.PHONY: install run test test-fast test-latest constraints bench clean FORCE
+.PHONY: install run test test-all test-latest constraints bench clean FORCE
 
 install: $(STAMP)
 
@@ -34,11 +34,14 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(REINSTALL)
 run: install
 	$(VENV)/bin/cl-run $(ARGS)
 
+# The suite CI runs (.ci/run), under 15 minutes on 2 cores: everything but the tests
+# marked slow (real-model runs on ../shared/data, extra seeds of the default run).
 test: install
-	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x --durations=15 -m "not slow" $(PYTEST_ARGS)
 
-test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+# Everything, the slow tests included (about 25 minutes on 2 cores with ../shared/data).
+test-all: install
+	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
 
 # Drift on purpose: the newest releases in their own venv, then the whole suite.
 test-latest:

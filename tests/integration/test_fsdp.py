@@ -22,22 +22,20 @@ BASE = ["logger=none", "model=tiny_llama", "trainer.steps_per_task=6", "task_str
         "save_final_model=true", "trainer.lr=0.003"]
 GLOBAL_BATCH = 16
 CASES = {
-    "seq_ft": [],
+    "seq_ft+lines": ["lines.enabled=true"],
     "multitask": ["strategy=multitask"],
     "replay+infinite": ["replay.enabled=true", "replay.ratio=0.25", "lr_schedule.enabled=true",
                         "lr_schedule.name=infinite", "lr_schedule.anneal_steps=2"],
     "ewc": ["strategy=ewc", "strategy.ewc_lambda=100"],
     "hft": ["strategy=hft"],
-    "classp": ["strategy=classp"],
     "classp_quantile": ["strategy=classp", "strategy.threshold_mode=quantile", "strategy.update_fraction=0.2",
                         "strategy.sum_includes_current=true", "strategy.alpha=0.01"],
-    "lines": ["lines.enabled=true"],
     "svd_orthogonal": ["strategy=svd_orthogonal"],
 }
 
 
 # Strategies whose state is tensors shaped like the weights (replay's buffer is examples).
-TENSOR_STATE = ("ewc", "lines", "svd_orthogonal", "classp", "hft")
+TENSOR_STATE = ("ewc", "seq_ft+lines", "svd_orthogonal", "hft")
 
 
 def torchrun(n: int, overrides: list[str], cwd) -> subprocess.CompletedProcess:
