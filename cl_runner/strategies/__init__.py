@@ -11,7 +11,10 @@ ADDON_KEYS = ("lr_schedule", "replay", "lines")
 
 
 def build_strategy(cfg: Any) -> StrategyStack:
-    """The base strategy named by `strategy.name` plus every enabled add-on."""
+    """The base strategy named by `strategy.name` plus every enabled add-on. Bad options and
+    combinations raise ValueError here, before any folder or model exists: each member checks
+    its own options, the stack checks the combination, and a member with `check_run_config`
+    checks the rest of the run config (e.g. classp and trainer.max_grad_norm)."""
     base = registry.get(cfg.strategy.name, registry.BASE)
     members: list[Strategy] = [base.cls(cfg.strategy)]
     addons = registry.registrations(registry.ADDON)
@@ -19,7 +22,12 @@ def build_strategy(cfg: Any) -> StrategyStack:
         node = cfg.get(key)
         if node is not None and node.get("enabled", False):
             members.append(addons[key].cls(node))
-    return StrategyStack(members)
+    stack = StrategyStack(members)
+    for m in members:
+        check = getattr(m, "check_run_config", None)
+        if check is not None:
+            check(cfg)
+    return stack
 
 
 __all__ = ["Strategy", "StrategyContext", "StrategyStack", "build_strategy", "registry"]

@@ -24,10 +24,16 @@ Differences from the released code (oswaldoludwig/CLASSP, CLASSP.py), which
     and keeps the paper's per-weight threshold and power.
 A fixed threshold on g^2 does not transfer to LLM-scale gradients, so `threshold_mode:
 quantile` (our extension) updates exactly the top `update_fraction` of each tensor by |g|.
+
+Defaults (configs/strategy/classp.yaml) are the setting that trains a pretrained language
+model: quantile mode (10% per tensor), the current gradient in the sum (the released code),
+alpha 1e-3. The paper's absolute threshold at the released code's values is
+`strategy=classp_paper`; the released code's whole rule is `strategy=classp_code`. In
+absolute mode gradient clipping (trainer.max_grad_norm) runs before the g^2 > threshold
+test and leaves almost no weight above it, so that combination is refused up front.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -46,21 +52,21 @@ THRESHOLD_MODES = ("absolute", "quantile")
 @dataclass
 class ClaSPConfig:
     name: str = "classp"
-    # Step size alpha (the optimizer's lr). Paper code 0.2; its text experiment 0.025.
-    alpha: float = 0.2
+    # Step size alpha (the optimizer's lr). Ours for LLMs 1e-3; paper code 0.2; its text experiment 0.025.
+    alpha: float = 1.0e-3
     # threshold_mode absolute: update a weight only where g^2 > threshold (code 0.5; text 0.99).
     threshold: float = 0.5
     # eps in (eps + sum |g|^p)^(1/p) (code 1e-5; text 1e-4).
     eps: float = 1.0e-5
     # p: the power of the accumulated gradients and of the root (1 in both).
     power: float = 1.0
-    # absolute (g^2 > threshold, the paper) | quantile (top update_fraction by |g| per tensor; ours)
-    threshold_mode: str = "absolute"
+    # absolute (g^2 > threshold, the paper) | quantile (top update_fraction by |g| per tensor; ours, the default)
+    threshold_mode: str = "quantile"
     # quantile: fraction of each tensor's weights updated per step.
     update_fraction: float = 0.1
     # true: the denominator sums |g_k|^p over k <= t (current gradient included, as in the
-    # released code and AdaGrad); false: k < t (the paper), a weight's first step is alpha*g/eps^(1/p).
-    sum_includes_current: bool = False
+    # released code and AdaGrad; the default); false: k < t (the paper), a weight's first step is alpha*g/eps^(1/p).
+    sum_includes_current: bool = True
     # true: reproduce the released code (threshold per tensor, power ignored in the sum,
     # current gradient in the sum).
     reference_code_compat: bool = False
@@ -162,10 +168,22 @@ class ClaSPOptimizer(torch.optim.Optimizer):
                 state["accumulator"] = state["accumulator"].float()
 
 
+def clipping_conflict(max_grad_norm: Any, threshold_mode: str) -> Optional[str]:
+    """The one-line refusal for gradient clipping in absolute mode, or None."""
+    if max_grad_norm and threshold_mode == "absolute":
+        return (f"strategy=classp with threshold_mode=absolute cannot train with trainer.max_grad_norm={max_grad_norm}: "
+                "clipping runs before the g^2 > threshold test and leaves almost no weight above it; set "
+                "trainer.max_grad_norm=null (the paper does not clip) or use strategy.threshold_mode=quantile")
+    return None
+
+
 @register("classp", config=ClaSPConfig)
 class ClaSP(Strategy):
     # The accumulators live in the optimizer and must survive task boundaries.
     carry_optimizer = True
+    # What this strategy takes over (StrategyStack refuses a second owner before anything is built).
+    owns_update_rule = True  # replaces AdamW's update rule
+    sets_optimizer = True  # returns its optimizer from `optimizer`
 
     def __init__(self, config: ClaSPConfig) -> None:
         super().__init__(config)
@@ -182,21 +200,32 @@ class ClaSP(Strategy):
         if config.reference_code_compat and config.threshold_mode != "absolute":
             raise ValueError("strategy.reference_code_compat=true reproduces the released code, whose threshold is "
                              "absolute; set strategy.threshold_mode=absolute or reference_code_compat=false")
+        # alpha is constant unless it follows the trainer's schedule (then `lr_lambda` returns None).
+        self.sets_lr_lambda = not config.follow_trainer_schedule
         self.optimizer_: Optional[ClaSPOptimizer] = None
         self.steps = 0
         self.updated: Any = 0.0
         self.considered = 0
 
+    def check_run_config(self, cfg: Any) -> None:
+        """Called by build_strategy with the whole validated run config, before any folder or
+        model exists: refuses clipping in absolute mode (a ValueError; cl-run: config error)."""
+        trainer = cfg.get("trainer") if hasattr(cfg, "get") else getattr(cfg, "trainer", None)
+        message = clipping_conflict(getattr(trainer, "max_grad_norm", None) if trainer is not None else None,
+                                    self.config.threshold_mode)
+        if message:
+            raise ValueError(message)
+
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
+        # Also checked here for a strategy built without build_strategy; still before any step.
+        message = clipping_conflict(getattr(ctx.trainer, "max_grad_norm", None), self.config.threshold_mode)
+        if message:
+            raise ValueError(message)
         if ctx.extras.get(SCHEDULE_ADDON):
             raise ValueError("strategy=classp cannot be combined with lr_schedule.enabled=true: classp replaces AdamW "
                              "with its own update rule and the lr_schedule curves are meant for AdamW")
         ctx.extras[OWNS_UPDATE_RULE] = self.name
-        clip = getattr(ctx.trainer, "max_grad_norm", None)
-        if clip and self.config.threshold_mode == "absolute":
-            warnings.warn(f"classp: trainer.max_grad_norm={clip} clips the gradients before the g^2 > threshold test; "
-                          "the paper does not clip (trainer.max_grad_norm=null)", stacklevel=2)
 
     def optimizer(self, named_params: list[tuple[str, nn.Parameter]],
                   previous: Optional[torch.optim.Optimizer]) -> torch.optim.Optimizer:

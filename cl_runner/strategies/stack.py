@@ -1,7 +1,16 @@
 """Run one base strategy and any number of add-ons as a single strategy.
 
 Hooks are called on every member in order (base first; `after_task` in reverse). Hooks that return a choice
-(`optimizer`, `lr_lambda`) accept at most one member that makes it; two is a config error.
+(`optimizer`, `lr_lambda`) accept at most one member that makes it; two is a config error, found when the
+stack is built (before any run folder or model exists) from what each member declares:
+
+  owns_update_rule  replaces AdamW's update rule (classp): no other member may own it or set `lr_lambda`
+                    (a learning-rate curve meant for AdamW would scale its step size);
+  sets_optimizer    returns an optimizer from `optimizer`;
+  sets_lr_lambda    returns a schedule from `lr_lambda`.
+
+A member that does not declare `sets_optimizer` / `sets_lr_lambda` is taken to set it when its class
+overrides the hook.
 """
 from __future__ import annotations
 
@@ -11,8 +20,53 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from cl_runner.strategies import registry
 from cl_runner.strategies.base import Batch, Strategy, StrategyContext
 from cl_runner.streams.task import Example, Task
+
+
+def declares(member: Strategy, hook: str) -> bool:
+    """Whether `member` makes the choice of `hook` ("optimizer" or "lr_lambda")."""
+    flag = getattr(member, f"sets_{hook}", None)
+    if flag is None:  # undeclared: overriding the hook counts as setting it
+        flag = getattr(type(member), hook, None) is not getattr(Strategy, hook)
+    return bool(flag)
+
+
+def describe(member: Strategy) -> str:
+    """How the user switched `member` on: `lr_schedule.enabled=true` or `strategy=classp`."""
+    if member.name in registry.registrations(registry.ADDON):
+        return f"{member.name}.enabled=true"
+    return f"strategy={member.name}"
+
+
+def switch_off(member: Strategy) -> str:
+    if member.name in registry.registrations(registry.ADDON):
+        return f"set {member.name}.enabled=false"
+    return f"pick another strategy than {member.name}"
+
+
+def check_combination(members: list[Strategy]) -> None:
+    """Raise ValueError (one line, naming both members and the fix) for members that cannot run together."""
+    owners = [m for m in members if getattr(m, "owns_update_rule", False)]
+    if len(owners) > 1:
+        a, b = owners[:2]
+        raise ValueError(f"{describe(a)} cannot be combined with {describe(b)}: both replace the optimizer's "
+                         f"update rule; {switch_off(b)}")
+    if owners:
+        owner = owners[0]
+        for m in members:
+            if m is not owner and declares(m, "lr_lambda"):
+                raise ValueError(
+                    f"{describe(owner)} cannot be combined with {describe(m)}: {owner.name} replaces AdamW with its "
+                    f"own update rule, whose step size is not an AdamW learning rate, and {m.name}'s learning-rate "
+                    f"curve is meant for AdamW; {switch_off(m)}")
+    for hook, what in (("optimizer", "build the optimizer (`optimizer`)"),
+                       ("lr_lambda", "set the learning-rate schedule (`lr_lambda`)")):
+        setters = [m for m in members if declares(m, hook)]
+        if len(setters) > 1:
+            a, b = setters[:2]
+            raise ValueError(f"{describe(a)} cannot be combined with {describe(b)}: both {what}; {switch_off(b)}")
 
 
 class StrategyStack(Strategy):
@@ -20,6 +74,7 @@ class StrategyStack(Strategy):
         super().__init__(None)
         if not members:
             raise ValueError("a strategy stack needs at least a base strategy")
+        check_combination(members)
         self.members = members
         self.name = "+".join(m.name for m in members)
         self.carry_optimizer = any(m.carry_optimizer for m in members)

@@ -1,6 +1,8 @@
 """CLASSP's update rule on given gradients over three steps, written out by hand: the
 paper's rule with p = 1 and p = 2, the released code's rule, the quantile extension, and
-the accumulator's persistence across tasks and checkpoints."""
+the accumulator's persistence across tasks and checkpoints; the defaults train a model,
+the paper and code presets compose with their documented values, and clipping in absolute
+mode is refused before anything is built."""
 from __future__ import annotations
 
 import math
@@ -12,9 +14,13 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from torch import nn
 
+from cl_runner.cli import build_checked_strategy
+from cl_runner.config import ConfigError, validate
+from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.classp import ClaSP, ClaSPConfig, ClaSPOptimizer, update_mask
 from cl_runner.streams.task import Example, Task, TaskStream
+from tests.conftest import compose
 
 # Three steps of gradients for one 3-weight tensor starting at w = 0.
 GRADS = [[1.0, 0.2, -2.0], [1.0, 1.0, 0.4], [-2.0, 0.1, 1.0]]
@@ -109,7 +115,7 @@ def make(**options) -> ClaSP:
 
 
 def test_accumulator_persists_across_tasks_and_checkpoints():
-    s = make(alpha=0.1, threshold=0.25, eps=1.0)
+    s = make(alpha=0.1, threshold=0.25, eps=1.0, threshold_mode="absolute", sum_includes_current=False)
     assert s.carry_optimizer  # the loop hands the previous optimizer to the hook
     w = nn.Parameter(torch.zeros(3))
     first = s.optimizer([("w", w)], None)
@@ -156,14 +162,84 @@ def test_bad_options(options, match):
         ClaSP(OmegaConf.structured(ClaSPConfig(**options)))
 
 
-def test_clipping_is_flagged():
-    strategy = ClaSP(OmegaConf.structured(ClaSPConfig()))
+CLIP_FIX = r"threshold_mode=absolute cannot train with trainer\.max_grad_norm=1\.0.*set trainer\.max_grad_norm=null"
+
+
+def test_clipping_in_absolute_mode_is_refused_when_built():
+    with pytest.raises(ValueError, match=CLIP_FIX):
+        build_strategy(validate(compose(["strategy=classp", "strategy.threshold_mode=absolute"])))
+    with pytest.raises(ConfigError, match=CLIP_FIX):  # cl-run: config error: ..., exit 2
+        build_checked_strategy(validate(compose(["strategy=classp_paper"])))
+    # Off, or in quantile mode (the default), clipping is accepted.
+    build_strategy(validate(compose(["strategy=classp_paper", "trainer.max_grad_norm=null"])))
+    build_strategy(validate(compose(["strategy=classp", "trainer.max_grad_norm=1.0"])))
+
+
+def test_clipping_in_absolute_mode_is_refused_at_setup_too():
+    strategy = ClaSP(OmegaConf.structured(ClaSPConfig(threshold_mode="absolute")))
     task = Task("a", [Example("p", "a", "a")], [Example("p", "a", "a")])
-    with pytest.warns(UserWarning, match=r"trainer\.max_grad_norm=1\.0"):
+    with pytest.raises(ValueError, match=CLIP_FIX):
         strategy.setup(StrategyContext(
             accelerator=Accelerator(cpu=True), model=nn.Linear(1, 1), stream=TaskStream("s", [task]),
             model_kind="classifier", model_family="test", seed=0, trainer=SimpleNamespace(max_grad_norm=1.0),
             loss_fn=lambda m, b: torch.zeros(()), collate=lambda ex: {}))
+
+
+# ---------------------------------------------------------------- defaults and presets
+def test_defaults_are_the_llm_setting():
+    cfg = validate(compose(["strategy=classp"])).strategy
+    assert (cfg.threshold_mode, cfg.sum_includes_current, cfg.alpha, cfg.update_fraction) == ("quantile", True, 1e-3, 0.1)
+    assert (cfg.eps, cfg.power, cfg.reference_code_compat, cfg.follow_trainer_schedule) == (1e-5, 1.0, False, False)
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(OmegaConf.structured(ClaSPConfig()))  # yaml = dataclass
+
+
+def test_paper_and_code_presets_compose_with_the_documented_values():
+    paper = validate(compose(["strategy=classp_paper", "trainer.max_grad_norm=null"])).strategy
+    assert paper.name == "classp"
+    assert (paper.threshold_mode, paper.threshold, paper.alpha, paper.eps, paper.power) == ("absolute", 0.5, 0.2, 1e-5, 1.0)
+    assert (paper.sum_includes_current, paper.reference_code_compat) == (False, False)
+    code = validate(compose(["strategy=classp_code", "trainer.max_grad_norm=null"])).strategy
+    assert (code.threshold_mode, code.threshold, code.alpha, code.eps, code.power) == ("absolute", 0.5, 0.2, 1e-5, 1.0)
+    assert (code.sum_includes_current, code.reference_code_compat) == (True, True)
+    assert build_strategy(validate(compose(["strategy=classp_code", "trainer.max_grad_norm=null"]))).base.config.alpha == 0.2
+
+
+def test_defaults_train_a_small_model_with_the_default_clipping():
+    """strategy=classp as composed, gradients clipped at trainer.max_grad_norm (1.0 by default)
+    as the loop does: weights move and the loss falls."""
+    cfg = validate(compose(["strategy=classp"]))
+    moved, losses, strategy = train_small_model(build_strategy(cfg).base, cfg.trainer.max_grad_norm)
+    assert moved > 0.1 * 161  # more weights than one step's 10% of the 161
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # every step lowers the loss
+    assert losses[-1] < losses[0] - 0.02, losses
+    assert strategy.report()["mean_update_fraction"] == pytest.approx(0.1, abs=0.05)
+    # What the refusal prevents: the paper's absolute threshold behind the same clipping moves nothing.
+    paper = ClaSP(OmegaConf.structured(ClaSPConfig(alpha=0.2, threshold_mode="absolute", sum_includes_current=False)))
+    moved, losses, _ = train_small_model(paper, 1.0)
+    assert moved == 0 and losses[-1] == losses[0]
+
+
+def train_small_model(strategy: ClaSP, max_grad_norm: float, steps: int = 40):
+    """(weights moved, losses, strategy) after `steps` full-batch steps of a 161-weight MLP on a
+    linear regression, gradients clipped as the loop does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = strategy.optimizer(list(model.named_parameters()), None)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        strategy.after_optimizer_step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
+    return moved, losses, strategy
 
 
 def test_sum_includes_current_by_hand():
