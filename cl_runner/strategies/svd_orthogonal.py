@@ -14,7 +14,11 @@ trainable rest; the task then trains W only outside the preserved subspace:
   Over a task, Uᵀ (W_end − W_start) V = 0 (two_sided: also Uᵀ ΔW = 0 and ΔW V = 0).
 
 k per matrix comes from `svd_rank` (adaptive importance or a fixed ratio), the targets
-from `svd_targets`. All SVD and projection math runs in `cl_runner.ops`.
+from `svd_targets`. `first_task: full` (default) trains the first task unconstrained, as
+the authors do (our spec, ../shared/specs/strategies.md; the paper text and the authors'
+code were not re-checked here): task 0 computes no bases and projects nothing (unsharded
+and FSDP-sharded alike) and is recorded with k = 0; `constrained` preserves the pretrained
+weights' top-k from task 0 on. All SVD and projection math runs in `cl_runner.ops`.
 Beyond the paper: `bases: accumulate` keeps the union of the preserved subspaces of all
 past tasks (old directions first, then the current task's new ones, re-orthonormalised,
 capped at `rank_budget` · min(m, n)) instead of only the current weights' top-k.
@@ -34,12 +38,13 @@ from cl_runner import ops
 from cl_runner.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.registry import register
-from cl_runner.strategies.svd_rank import (_EPS, adaptive_ranks, clamp_rank, layer_importances,
-                                           ratio_ranks, scheduled_fraction)
+from cl_runner.strategies.svd_rank import (_EPS, NORMALISATIONS, adaptive_ranks, clamp_rank,
+                                           layer_importances, ratio_ranks, scheduled_fraction)
 from cl_runner.strategies.svd_targets import Target, find_targets
 from cl_runner.streams.task import Task
 
 RANK_MODES = ("adaptive", "ratio")
+FIRST_TASK = ("full", "constrained")
 BASES_MODES = ("current", "accumulate")
 BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SVD_METHODS = ("exact", "randomized")
@@ -71,6 +76,9 @@ class SVDRankConfig:
     # Adaptive: minimum / target preserved fraction (mrr / trr in the paper).
     mrr: float = 0.1
     trr: float = 0.8
+    # Adaptive: importances min-max normalised to [0, 1] (the paper; r_l in [mrr, trr]) |
+    # mean (I_l / mean I, an earlier reading: r_l can leave [mrr, trr]).
+    normalise: str = "minmax"
     # Ratio: the trainable fraction; k = floor(min(m, n) * (1 - unfreeze_ratio)).
     unfreeze_ratio: float = 0.25
     # Adaptive: examples of the previous task (the current one at t = 0) for importance.
@@ -90,6 +98,9 @@ class SVDOrthogonalConfig:
     # Freeze everything that is not a target (embeddings, norms, biases, head).
     freeze_untargeted: bool = False
     rank: SVDRankConfig = field(default_factory=SVDRankConfig)
+    # full: the first task trains unconstrained (the paper); constrained: preserve the
+    # pretrained weights' top-k from the first task on.
+    first_task: str = "full"
     # two_sided: (I-UUᵀ)G(I-VVᵀ); high_block: G - U(UᵀGV)Vᵀ.
     projection: str = "two_sided"
     # current: top-k of the current W per task; accumulate: union over past tasks.
@@ -131,6 +142,8 @@ class SVDOrthogonal(Strategy):
         c, r = config, config.rank
         self.freezes_parameters = bool(c.freeze_untargeted)
         _choice(r.mode, "strategy.rank.mode", RANK_MODES)
+        _choice(r.normalise, "strategy.rank.normalise", NORMALISATIONS)
+        _choice(c.first_task, "strategy.first_task", FIRST_TASK)
         _choice(c.projection, "strategy.projection", ops.MODES)
         _choice(c.bases, "strategy.bases", BASES_MODES)
         _choice(c.basis_dtype, "strategy.basis_dtype", tuple(BASIS_DTYPES))
@@ -181,6 +194,18 @@ class SVDOrthogonal(Strategy):
 
     # ------------------------------------------------------------------ task start
     def before_task(self, t: int, task: Task) -> None:
+        if t == 0 and self.config.first_task == "full":
+            # The authors' first task: unconstrained (no importance pass, no SVD, nothing
+            # projected; untargeted parameters are not frozen either). `_in_task` stays
+            # False so every step hook is a no-op, and `_task` stays -1 so a checkpoint
+            # of this task carries no bases. Recorded as k = 0 (relative residual 1).
+            self._in_task = False
+            if self.config.rank.mode == "adaptive":  # keep one entry per task (none computed)
+                for tg in self.targets:
+                    self._importance_per_target.setdefault(tg.name, []).append(None)
+            self._record(t, task, [(0, 0)] * len(self.targets), "first_task=full (unconstrained)",
+                         0.0, 0.0, 0.0, 1.0)
+            return
         started = time.perf_counter()
         ks, source, importance_seconds = self._choose_ranks(t, task)
         svd_started = time.perf_counter()
@@ -266,7 +291,8 @@ class SVDOrthogonal(Strategy):
         trr = scheduled_fraction(r.trr, t, r.schedule_step, r.schedule_cap)
         for tg, imp in zip(self.targets, importances):
             self._importance_per_target.setdefault(tg.name, []).append(imp)
-        return adaptive_ranks(importances, dims, mrr, trr), source, time.perf_counter() - started
+        return (adaptive_ranks(importances, dims, mrr, trr, r.normalise), source,
+                time.perf_counter() - started)
 
     def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
         if self.ctx.model_kind == "classifier":
@@ -424,7 +450,7 @@ class SVDOrthogonal(Strategy):
         return {
             "targets": len(self.targets),
             "projection": self.config.projection, "bases": self.config.bases,
-            "rank_mode": self.config.rank.mode,
+            "rank_mode": self.config.rank.mode, "first_task": self.config.first_task,
             "tasks": list(self._history),
             "k_summary": ({"min": min(ks), "mean": sum(ks) / len(ks), "max": max(ks)}
                           if ks else {}),

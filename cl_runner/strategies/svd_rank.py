@@ -2,9 +2,13 @@
 
 - Adaptive (Sculpting Subspaces, Nayak et al. 2025, Sec. 3): layer importance
   I_l = mean over N inputs of cos(x_l, y_l) between the layer's input and output
-  activations (first min(m, n) coordinates when the matrix is not square), normalised
-  across layers (I_l / mean I); preserved fraction r_l = mrr + I_l (trr − mrr);
-  k_l = round(r_l · min(m, n)) clamped to [0, min(m, n) − 1].
+  activations (first min(m, n) coordinates when the matrix is not square), min-max
+  normalised across layers to Î_l ∈ [0, 1] (the paper's I_l ∈ [0, 1]); preserved fraction
+  r_l = mrr + Î_l (trr − mrr), so mrr (the paper's minimum) ≤ r_l ≤ trr (its target);
+  k_l = round(r_l · min(m, n)) clamped to [0, min(m, n) − 1]. `normalise: mean` keeps an
+  earlier reading (I_l / mean I), which lets r_l leave [mrr, trr] on small or mixed-sign
+  importances (LLM attention): below mrr when I_l < 0, up to a near-frozen layer when
+  I_l ≫ mean I.
 - Ratio (Red Hat's mini_trainer OSFT): k = floor(min(m, n) · (1 − unfreeze_ratio)),
   clamped the same way.
 - Schedule (the paper's T5 runs): every preserved fraction (mrr, trr, or 1 − unfreeze_ratio)
@@ -36,24 +40,54 @@ def clamp_rank(k: int, dim: int) -> int:
     return max(0, min(int(k), dim - 1))
 
 
-def adaptive_ranks(importances: Sequence[float], dims: Sequence[int], mrr: float,
-                   trr: float) -> list[int]:
-    """k_l = round((mrr + (I_l / mean I) (trr − mrr)) · dim_l), clamped to [0, dim_l − 1].
+NORMALISATIONS = ("minmax", "mean")
 
-    `importances` are the raw mean cosines I_l, `dims` the min(m, n) of each matrix.
-    Rounding is half-up (2.5 -> 3). A non-positive or non-finite mean importance (no
-    signal to rank layers by) gives every layer the mean, i.e. r_l = trr."""
+
+def normalised_importances(importances: Sequence[float], normalise: str = "minmax") -> list[float]:
+    """Layer importances mapped to the weights of r_l = mrr + w_l (trr − mrr).
+
+    minmax (default; Sculpting Subspaces, Nayak et al. 2025, arXiv 2504.07097, Sec. 3,
+    I_l ∈ [0, 1]): w_l = (I_l − min I) / (max I − min I) over the finite importances, so the
+    least important layer keeps mrr, the most important trr, and the order is kept. All
+    finite importances equal (no signal to rank layers by), or none finite: every layer gets
+    w = 1 (r = trr, the target fraction; the earlier code's choice for a degenerate mean).
+    A non-finite importance (NaN or ±inf from a layer with zero activations or an fp
+    overflow) gets w = 1 as well: no evidence that the layer may move more.
+
+    mean (an earlier reading, kept as a labelled option): w_l = I_l / mean I; a non-positive
+    or non-finite mean gives every layer w = 1. Not bounded: r_l can leave [mrr, trr]."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"bad importance normalisation {normalise!r}; use one of {', '.join(NORMALISATIONS)}")
+    values = [float(i) for i in importances]
+    if normalise == "mean":
+        mean = sum(values) / len(values) if values else 0.0
+        if not math.isfinite(mean) or mean <= 0:
+            return [1.0] * len(values)
+        return [i / mean for i in values]
+    finite = [i for i in values if math.isfinite(i)]
+    if not finite:
+        return [1.0] * len(values)
+    lo, hi = min(finite), max(finite)
+    span = hi - lo
+    if not span > 0 or not math.isfinite(span):  # all equal (or a span that overflows)
+        return [1.0] * len(values)
+    return [min(1.0, max(0.0, (i - lo) / span)) if math.isfinite(i) else 1.0 for i in values]
+
+
+def adaptive_ranks(importances: Sequence[float], dims: Sequence[int], mrr: float,
+                   trr: float, normalise: str = "minmax") -> list[int]:
+    """k_l = round((mrr + Î_l (trr − mrr)) · dim_l), clamped to [0, dim_l − 1].
+
+    `importances` are the raw mean cosines I_l, `dims` the min(m, n) of each matrix, Î_l
+    their normalisation (`normalised_importances`: min-max to [0, 1] by default, so every
+    preserved fraction lies in [mrr, trr] and a more important layer never keeps fewer
+    directions; all equal or non-finite: trr). Rounding is half-up (2.5 -> 3)."""
     if len(importances) != len(dims):
         raise ValueError(f"got {len(importances)} importances and {len(dims)} dims")
     if not importances:
         return []
-    mean = sum(importances) / len(importances)
-    if not math.isfinite(mean) or mean <= 0:
-        normalised = [1.0] * len(importances)
-    else:
-        normalised = [i / mean for i in importances]
     ks = []
-    for imp, dim in zip(normalised, dims):
+    for imp, dim in zip(normalised_importances(importances, normalise), dims):
         r = mrr + imp * (trr - mrr)
         ks.append(clamp_rank(_round_half_up(r * dim), dim))
     return ks

@@ -95,6 +95,10 @@ def make_ctx(model, kind: str, family: str, stream: TaskStream, logs: list | Non
 
 
 def make_config(**overrides) -> SVDOrthogonalConfig:
+    # These tests check the projection from the first task on, so they ask for
+    # first_task=constrained unless they say otherwise (the default, full, leaves task 0
+    # unconstrained: see the first_task tests).
+    overrides = {"first_task": "constrained", **overrides}
     node = OmegaConf.merge(OmegaConf.structured(SVDOrthogonalConfig), overrides)
     return node  # an OmegaConf node validated against the dataclass, as the runner passes
 
@@ -151,17 +155,56 @@ def top_k(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------- rank rules
 def test_adaptive_ranks_on_hand_numbers():
-    # mean I = 0.4 -> normalised [0.5, 1, 1.5]; r = 0.1 + I * 0.7 = [0.45, 0.8, 1.15]
-    assert adaptive_ranks([0.2, 0.4, 0.6], [10, 10, 10], 0.1, 0.8) == [5, 8, 9]  # 4.5 -> 5; 11.5 -> clamp 9
-    # r * dim = 0.45*64 = 28.8 -> 29; 0.8*32 = 25.6 -> 26; 1.15*16 = 18.4 -> clamp 15
-    assert adaptive_ranks([0.2, 0.4, 0.6], [64, 32, 16], 0.1, 0.8) == [29, 26, 15]
-    # equal importances: every layer at trr
-    assert adaptive_ranks([0.3, 0.3], [20, 40], 0.1, 0.8) == [16, 32]
-    # mean 0.2 -> [-1, 3]: r = -0.6 -> 0 ; r = 2.2 -> dim - 1
-    assert adaptive_ranks([-0.2, 0.6], [10, 10], 0.1, 0.8) == [0, 9]
-    # no signal (mean <= 0): all layers at trr
-    assert adaptive_ranks([0.0, 0.0], [10, 10], 0.1, 0.8) == [8, 8]
+    # min-max: I = [0.2, 0.4, 0.6] -> [0, 0.5, 1]; r = 0.1 + I * 0.7 = [0.1, 0.45, 0.8]
+    assert adaptive_ranks([0.2, 0.4, 0.6], [10, 10, 10], 0.1, 0.8) == [1, 5, 8]  # 4.5 -> 5
+    # r * dim = 0.1*64 = 6.4 -> 6; 0.45*32 = 14.4 -> 14; 0.8*16 = 12.8 -> 13
+    assert adaptive_ranks([0.2, 0.4, 0.6], [64, 32, 16], 0.1, 0.8) == [6, 14, 13]
+    # mixed sign: the least important layer keeps mrr, the most important trr
+    assert adaptive_ranks([-0.2, 0.6], [10, 10], 0.1, 0.8) == [1, 8]
     assert adaptive_ranks([], [], 0.1, 0.8) == []
+
+
+def test_adaptive_ranks_mean_option_keeps_the_earlier_reading():
+    # mean I = 0.4 -> [0.5, 1, 1.5]; r = [0.45, 0.8, 1.15] -> 11.5 clamps to 9
+    assert adaptive_ranks([0.2, 0.4, 0.6], [10, 10, 10], 0.1, 0.8, "mean") == [5, 8, 9]
+    # mean 0.2 -> [-1, 3]: r = -0.6 (below mrr) -> 0 ; r = 2.2 -> dim - 1 (near-frozen)
+    assert adaptive_ranks([-0.2, 0.6], [10, 10], 0.1, 0.8, "mean") == [0, 9]
+    assert adaptive_ranks([0.0, 0.0], [10, 10], 0.1, 0.8, "mean") == [8, 8]  # no signal: trr
+    with pytest.raises(ValueError, match="normalisation"):
+        adaptive_ranks([0.1], [10], 0.1, 0.8, "zscore")
+
+
+def test_adaptive_fractions_stay_within_mrr_trr_on_mixed_sign_importances():
+    # LLM-attention-like: small, mixed-sign cosines, one layer far above the mean
+    imps = [-0.31, 0.004, -0.002, 0.9, 0.011, -0.05, 0.0, 0.27]
+    dim, mrr, trr = 1000, 0.1, 0.8
+    ks = adaptive_ranks(imps, [dim] * len(imps), mrr, trr)
+    fractions = [k / dim for k in ks]
+    assert all(mrr - 1e-9 <= f <= trr + 1e-9 for f in fractions), fractions
+    assert fractions[imps.index(min(imps))] == pytest.approx(mrr)
+    assert fractions[imps.index(max(imps))] == pytest.approx(trr)
+    order = sorted(range(len(imps)), key=imps.__getitem__)
+    assert [ks[i] for i in order] == sorted(ks)  # more important -> larger k
+    assert len(set(ks)) == len(ks)  # distinct importances, distinct k at this dim
+    # the mean normalisation leaves the range on the same numbers (what min-max fixes)
+    mean_fractions = [k / dim for k in adaptive_ranks(imps, [dim] * len(imps), mrr, trr, "mean")]
+    assert min(mean_fractions) < mrr and max(mean_fractions) > trr
+
+
+def test_adaptive_ranks_degenerate_importances():
+    # all equal (positive, zero or negative): no signal to rank by -> every layer at trr
+    assert adaptive_ranks([0.3, 0.3], [20, 40], 0.1, 0.8) == [16, 32]
+    assert adaptive_ranks([0.0, 0.0], [10, 10], 0.1, 0.8) == [8, 8]
+    assert adaptive_ranks([-0.4, -0.4, -0.4], [10, 10, 10], 0.1, 0.8) == [8, 8, 8]
+    assert adaptive_ranks([0.5], [10], 0.1, 0.8) == [8]  # one layer
+    # non-finite values get trr; the finite ones are normalised among themselves
+    nan, inf = float("nan"), float("inf")
+    assert adaptive_ranks([nan, 0.2, 0.4], [10, 10, 10], 0.1, 0.8) == [8, 1, 8]
+    assert adaptive_ranks([inf, -0.2, 0.6, -inf], [10] * 4, 0.1, 0.8) == [8, 1, 8, 8]
+    assert adaptive_ranks([nan, 0.5], [10, 10], 0.1, 0.8) == [8, 8]  # one finite value
+    assert adaptive_ranks([nan, nan], [10, 10], 0.1, 0.8) == [8, 8]
+    # mrr == trr: every layer at that fraction whatever the importances
+    assert adaptive_ranks([-1.0, 0.0, 1.0], [10] * 3, 0.5, 0.5) == [5, 5, 5]
 
 
 def test_ratio_ranks_and_schedule():
@@ -336,6 +379,76 @@ def test_second_task_uses_previous_task_examples_and_logs():
     assert any("svd/k_mean" in entry for entry in logs)
 
 
+def _block_leak(strategy, model, ctx, t: int, k_from_report: bool = True):
+    """Run task t; per target, max |U^T dW V| / max |dW| with U, V the top-k of the weights
+    at the task's start (k: the task's recorded k, or floor(32 * 0.75) = 24)."""
+    targets = strategy.targets
+    start = {tg.name: tg.param.detach().clone() for tg in targets}
+    run_task(strategy, model, ctx, t, steps=3)
+    leaks = {}
+    for tg in targets:
+        k = strategy.report()["k_per_target"][tg.name][t][0] if k_from_report else 24
+        u, v = top_k(start[tg.name], k)
+        delta = (tg.param.detach() - start[tg.name]).double()
+        leaks[tg.name] = float((u.T @ delta @ v).abs().max()) / float(delta.abs().max())
+    return leaks
+
+
+def test_first_task_defaults_to_full():
+    assert SVDOrthogonalConfig().first_task == "full"
+    node = yaml.safe_load((REPO / "configs/strategy/svd_orthogonal.yaml").read_text())
+    assert node["first_task"] == "full"
+
+
+@pytest.mark.parametrize("mode", ["ratio", "adaptive"])
+def test_first_task_full_trains_task_one_freely_and_constrains_task_two(mode):
+    strategy, model, ctx = build("llama", n_tasks=3, first_task="full", **{"rank": {"mode": mode}})
+    # task 1 (t=0): no bases, no projection; its update has a component in every direction,
+    # including the block of the top-24 singular directions the constrained run preserves
+    free = _block_leak(strategy, model, ctx, 0, k_from_report=False)
+    assert all(leak > 1e-2 for leak in free.values()), free
+    report = strategy.report()
+    assert report["first_task"] == "full" and report["projection_steps"] == 0
+    task0 = report["tasks"][0]
+    assert task0["rank_source"] == "first_task=full (unconstrained)"
+    assert task0["k_max"] == 0 and task0["basis_bytes"] == 0 and task0["svd_seconds"] == 0
+    assert all(per == [[0, 0]] for per in report["k_per_target"].values())
+    if mode == "adaptive":  # one importance entry per task, none computed for task 1
+        assert all(v == [None] for v in report["importance_per_target"].values())
+    # tasks 2 and 3 are constrained: U^T dW V = 0 for the bases taken at their start
+    for t in (1, 2):
+        leaks = _block_leak(strategy, model, ctx, t)
+        assert all(leak < 1e-4 for leak in leaks.values()), (t, leaks)
+    report = strategy.report()
+    assert report["projection_steps"] == 6
+    assert [h["task"] for h in report["tasks"]] == [0, 1, 2]
+    assert all(len(per) == 3 and per[1][0] > 0 for per in report["k_per_target"].values())
+    if mode == "adaptive":
+        assert report["tasks"][1]["rank_source"] == "previous task 'task0'"
+        assert all(len(v) == 3 and v[0] is None and v[1] is not None
+                   for v in report["importance_per_target"].values())
+
+
+def test_first_task_constrained_constrains_task_one():
+    strategy, model, ctx = build("llama", first_task="constrained", **{"rank": {"mode": "ratio"}})
+    leaks = _block_leak(strategy, model, ctx, 0)
+    assert all(leak < 1e-4 for leak in leaks.values()), leaks
+    assert strategy.report()["tasks"][0]["k_max"] == 24
+
+
+def test_first_task_full_checkpoint_mid_task_one_carries_no_bases():
+    strategy, model, ctx = build("gpt2", first_task="full", **{"rank": {"mode": "ratio"}})
+    strategy.before_task(0, ctx.stream[0])
+    state = strategy.state_dict()
+    assert state["task"] == -1 and state["in_task"] is False and state["sharded"] is None
+    model_b, kind = tiny("gpt2")
+    resumed = SVDOrthogonal(make_config(first_task="full", **{"rank": {"mode": "ratio"}}))
+    resumed.setup(make_ctx(model_b, kind, "gpt2", ctx.stream))
+    resumed.load_state_dict(state)
+    assert resumed.extra_state_bytes() == 0 and not resumed._in_task
+    assert resumed.report()["tasks"] == strategy.report()["tasks"]
+
+
 @pytest.mark.parametrize("family", ["t5", "bert"])
 def test_seq2seq_and_classifier_paths(family):
     _, results, _ = _task_invariants(family, steps=2)
@@ -458,6 +571,8 @@ def test_yaml_matches_the_dataclass():
     ({"svd_method": "lanczos"}, "strategy.svd_method"),
     ({"rank": {"mrr": 0.9, "trr": 0.5}}, "strategy.rank.mrr"),
     ({"rank_budget": 0.0}, "strategy.rank_budget"),
+    ({"first_task": "frozen"}, "strategy.first_task"),
+    ({"rank": {"normalise": "zscore"}}, "strategy.rank.normalise"),
 ])
 def test_bad_options_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -469,3 +584,24 @@ def test_registered():
 
     reg = registry.get("svd_orthogonal")
     assert reg.cls is SVDOrthogonal and reg.config is SVDOrthogonalConfig
+
+
+def test_t5_sculpting_preset_composes_with_the_authors_settings():
+    from cl_runner.strategies.base import plain_config
+    from tests.conftest import compose
+
+    cfg = compose(["experiment=t5_sculpting", "task_stream.data_dir=/data"])
+    assert cfg.experiment_name == "t5_sculpting" and cfg.model.name == "t5_large"
+    assert cfg.task_stream.name == "cl_standard_order1"  # from t5_standard
+    s = cfg.strategy
+    assert s.name == "svd_orthogonal" and s.first_task == "full" and s.projection == "two_sided"
+    assert (s.rank.mode, s.rank.normalise, s.rank.mrr, s.rank.trr) == ("adaptive", "minmax", 0.1, 0.8)
+    assert (s.rank.schedule_step, s.rank.schedule_cap) == (0.0, 0.95)  # not stated: schedule off
+    assert (cfg.trainer.lr, cfg.trainer.epochs) == (1.0e-4, 1)
+    SVDOrthogonal(s)  # the options validate
+    # cross-attention is left free: on a tiny T5, self-attention and feed-forward only
+    model, _ = tiny("t5")
+    names = [t.name for t in find_targets(model, "t5", plain_config(s.targets))]
+    assert len(names) == 24 and not any("EncDecAttention" in n for n in names)
+    assert sum(".SelfAttention." in n for n in names) == 16
+    assert sum(".DenseReluDense." in n for n in names) == 8
