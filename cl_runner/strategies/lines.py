@@ -15,13 +15,25 @@ within each stack: l and L are the block's index and the depth of its own stack,
 the first encoder block and the first decoder block get alpha.
 
 The paper edits a single fine-tuned model; its continual use here is our design:
-`reference: pretrained` (theta_0) or `previous_task` (the weights task t started from),
-applied to the training state after each task (`apply_to: train_state`) or only to the
-weights that are evaluated (`eval_only`, the training weights come back afterwards).
+`reference: previous_task` (default: the weights task t started from) or `pretrained`
+(theta_0), applied to the training state after each task (`apply_to: train_state`) or only
+to the weights that are evaluated (`eval_only`, the training weights come back afterwards).
+
+In a stream, with Delta_k task k's own update (theta_after_k = theta_{k-1} + Delta_k):
+
+- previous_task + train_state (default): theta_k = theta_{k-1} + lambda Delta_k, so after
+  T tasks theta_T = theta_0 + sum_k lambda Delta_k: every task's update is scaled once.
+- pretrained + train_state: theta_k - theta_0 = lambda (theta_{k-1} - theta_0) + lambda
+  Delta_k, so theta_T = theta_0 + sum_k lambda^(T-k+1) Delta_k: the scaling compounds
+  (0.5^15 ~ 3e-5 of task 1's update in the first block after 15 tasks at alpha 0.5). An
+  explicit option only; setup logs a warning.
+- pretrained + eval_only: the paper's single-shot edit of the whole task vector
+  theta_after - theta_0, applied to the evaluated copy only (no compounding).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -36,6 +48,8 @@ HEAD_SCALES = ("alpha", "alpha_plus_beta")
 REFERENCES = ("pretrained", "previous_task")
 APPLY_TO = ("train_state", "eval_only")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LinesConfig:
@@ -46,8 +60,9 @@ class LinesConfig:
     beta: Optional[float] = None
     # Scale of parameters outside the blocks: alpha | alpha_plus_beta
     head_scale: str = "alpha"
-    # theta_ref: pretrained (theta_0) | previous_task (the weights the task started from)
-    reference: str = "pretrained"
+    # theta_ref: previous_task (the weights the task started from: each task's own update
+    # scaled once) | pretrained (theta_0; with train_state the scaling compounds over tasks)
+    reference: str = "previous_task"
     # train_state (rescale the weights after each task) | eval_only (only the evaluated copy)
     apply_to: str = "train_state"
     # Keep theta_ref (fp32) in host memory instead of on the model's device.
@@ -101,6 +116,11 @@ class LayerScaling(Strategy):
         model = ctx.unwrapped_model
         blocks = parameter_blocks(model)
         self.coefficients = lines_coefficients(blocks, self.alpha, self.beta, self.config.head_scale)
+        if self.config.reference == "pretrained" and self.config.apply_to == "train_state":
+            log.warning("lines.reference=pretrained with lines.apply_to=train_state compounds: task k's update "
+                        "ends up scaled by lambda^(T-k+1) after T tasks (alpha %.2f: %.1e of the first task's update "
+                        "in the first block after 15 tasks); lines.reference=previous_task scales each task's "
+                        "update once", self.alpha, self.alpha ** 15)
         if self.config.reference == "pretrained":
             # theta_0: setup runs before a checkpoint is restored, so this is the built
             # model both in a fresh and in a resumed run (model building is seeded).

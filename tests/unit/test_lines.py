@@ -1,4 +1,6 @@
-"""LiNeS: coefficients per block by hand, the rescaled weights, eval-only restore."""
+"""LiNeS: coefficients per block by hand, the rescaled weights, eval-only restore, and the
+factor each task's update ends with over a stream (once by default, compounding with
+reference=pretrained)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -84,7 +86,7 @@ def test_beta_defaults_to_one_minus_alpha():
 def test_train_state_rescales_task_vector_by_hand():
     model = FourBlocks()
     set_all(model, 2.0)  # theta_0 = 2 everywhere
-    s = make(model, alpha=0.1, beta=0.9)
+    s = make(model, alpha=0.1, beta=0.9, reference="pretrained")
     set_all(model, 4.0)  # after training: tau = 2 everywhere
     s.after_task(0, None)
     # theta = 2 + lambda * 2
@@ -116,7 +118,7 @@ def test_previous_task_reference_scales_only_the_last_update():
 def test_eval_only_scales_inside_and_restores_training_weights():
     model = FourBlocks()
     set_all(model, 0.0)
-    s = make(model, alpha=0.1, beta=0.9, apply_to="eval_only")
+    s = make(model, alpha=0.1, beta=0.9, reference="pretrained", apply_to="eval_only")
     set_all(model, 1.0)
     s.after_task(0, None)  # eval_only: the training weights are not touched
     assert set(weights(model).values()) == {1.0}
@@ -140,8 +142,78 @@ def test_previous_task_reference_round_trips_state():
 
 
 def test_reference_on_cpu_option():
-    s = make(FourBlocks(), reference_on_cpu=True)
+    s = make(FourBlocks(), reference="pretrained", reference_on_cpu=True)
     assert all(r.device.type == "cpu" and r.dtype == torch.float32 for r in s.reference.values())
+
+
+def run_stream(model: nn.Module, s: LayerScaling, updates: list[float]) -> None:
+    """Three (or more) tasks through the hooks; task k adds updates[k] to every weight."""
+    for t, delta in enumerate(updates):
+        s.before_task(t, None)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(delta)
+        s.after_task(t, None)
+
+
+# alpha 0.5, beta 0.5: blocks 0.5, 2/3, 5/6, 1.0; embed and head 0.5
+ALPHA_HALF = {"embed.weight": 0.5, "blocks.0.lin.weight": 0.5, "blocks.1.lin.weight": 2 / 3,
+              "blocks.2.lin.weight": 5 / 6, "blocks.3.lin.weight": 1.0, "head.weight": 0.5}
+
+
+def test_default_reference_is_previous_task():
+    assert LinesConfig().reference == "previous_task" and LinesConfig().apply_to == "train_state"
+    import yaml
+    from pathlib import Path
+
+    node = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/addons/lines.yaml").read_text())
+    assert node["reference"] == "previous_task" and node["apply_to"] == "train_state"
+
+
+@pytest.mark.parametrize("reference", ["previous_task", "pretrained"])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_factor_each_task_update_ends_with(reference, k):
+    """Only task k (of three) moves the weights, by 1: what is left of it after the stream
+    is its final factor. previous_task (default): lambda once; pretrained: lambda^(3-k)."""
+    model = FourBlocks()
+    set_all(model, 0.0)
+    s = make(model, alpha=0.5, reference=reference)
+    assert s.coefficients == pytest.approx(ALPHA_HALF)
+    run_stream(model, s, [1.0 if t == k else 0.0 for t in range(3)])
+    power = 1 if reference == "previous_task" else 3 - k
+    assert weights(model) == pytest.approx({n: lam ** power for n, lam in ALPHA_HALF.items()}, abs=1e-6)
+    assert s.applied == [0, 1, 2]
+
+
+def test_three_task_stream_by_hand():
+    """theta_0 = 0, tasks add 1, 10, 100. First block (lambda 0.5):
+    previous_task: 0.5 * (1 + 10 + 100) = 55.5;
+    pretrained: 0.5^3 * 1 + 0.5^2 * 10 + 0.5 * 100 = 52.625 (task 1 scaled by 0.5^3)."""
+    once, compounding = FourBlocks(), FourBlocks()
+    set_all(once, 0.0)
+    set_all(compounding, 0.0)
+    run_stream(once, make(once, alpha=0.5), [1.0, 10.0, 100.0])
+    run_stream(compounding, make(compounding, alpha=0.5, reference="pretrained"), [1.0, 10.0, 100.0])
+    assert weights(once)["blocks.0.lin.weight"] == pytest.approx(55.5)
+    assert weights(compounding)["blocks.0.lin.weight"] == pytest.approx(52.625)
+    assert weights(once)["blocks.3.lin.weight"] == pytest.approx(111.0)  # deepest block: lambda 1
+    assert weights(compounding)["blocks.3.lin.weight"] == pytest.approx(111.0)
+    for name, lam in ALPHA_HALF.items():
+        assert weights(once)[name] == pytest.approx(lam * 111.0, abs=1e-4)
+        assert weights(compounding)[name] == pytest.approx(lam ** 3 + 10 * lam ** 2 + 100 * lam, abs=1e-4)
+
+
+def test_compounding_option_logs_a_warning(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="cl_runner.strategies.lines"):
+        make(FourBlocks(), reference="pretrained")
+    assert "compounds" in caplog.text and "previous_task" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cl_runner.strategies.lines"):
+        make(FourBlocks())
+        make(FourBlocks(), reference="pretrained", apply_to="eval_only")
+    assert "compounds" not in caplog.text
 
 
 @pytest.mark.parametrize("key,value", [("head_scale", "beta"), ("reference", "init"), ("apply_to", "always")])
