@@ -605,3 +605,44 @@ def test_t5_sculpting_preset_composes_with_the_authors_settings():
     assert len(names) == 24 and not any("EncDecAttention" in n for n in names)
     assert sum(".SelfAttention." in n for n in names) == 16
     assert sum(".DenseReluDense." in n for n in names) == 8
+
+
+@pytest.mark.parametrize("first_task", ["full", "constrained"])
+def test_first_task_on_the_fsdp_sharded_path(first_task):
+    """The same first_task rule on FSDP2-sharded targets (ShardedSubspaces), in a one-process
+    gloo group: with full, task 1 computes no bases and moves the preserved block; task 2
+    (and, with constrained, task 1) keeps U^T dW V = 0."""
+    import torch.distributed as dist
+
+    from cl_runner.sharding import shard_model
+    from tests.conftest import compose
+
+    trainer = compose(["model=tiny_llama", "trainer.sharding=fsdp"]).trainer
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, kind = tiny("llama")
+        model = shard_model(model, trainer)
+        strategy = SVDOrthogonal(make_config(first_task=first_task, **{"rank": {"mode": "ratio"}}))
+        ctx = make_ctx(model, kind, "llama", make_stream(2))
+        strategy.setup(ctx)
+        assert strategy.sharded is not None and strategy.groups is None
+
+        def full(tg) -> torch.Tensor:
+            return tg.param.detach().full_tensor().clone()
+
+        for t in range(2):
+            start = {tg.name: full(tg) for tg in strategy.targets}
+            run_task(strategy, model, ctx, t, steps=3)
+            constrained = t == 1 or first_task == "constrained"
+            assert (strategy.sharded.nbytes() > 0) == constrained
+            for tg in strategy.targets:
+                k = strategy.report()["k_per_target"][tg.name][t][0]
+                assert k == (24 if constrained else 0)
+                u, v = top_k(start[tg.name], 24)
+                delta = (full(tg) - start[tg.name]).double()
+                leak = float((u.T @ delta @ v).abs().max()) / float(delta.abs().max())
+                assert (leak < 1e-4) if constrained else (leak > 1e-2), (t, tg.name, leak)
+        assert strategy.report()["projection_steps"] == (3 if first_task == "full" else 6)
+    finally:
+        dist.destroy_process_group()
