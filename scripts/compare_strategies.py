@@ -31,11 +31,11 @@ STRATEGIES: dict[str, list[str]] = {
     "hft": ["strategy=hft"],
     "ewc_norm_l1": ["strategy=ewc", "strategy.normalize_fisher=true", "strategy.ewc_lambda=1",
                     "strategy.fisher_samples=256"],
-    "classp": ["strategy=classp", "trainer.max_grad_norm=null"],  # the paper's rule and defaults, no clipping
-    # The paper's absolute threshold (g^2 > 0.5) never fires on a pretrained model's small
-    # gradients; the quantile threshold with the code's AdaGrad-like sum does.
-    "classp_llm": ["strategy=classp", "trainer.max_grad_norm=null", "strategy.threshold_mode=quantile",
-                   "strategy.update_fraction=0.1", "strategy.sum_includes_current=true", "strategy.alpha=1e-3"],
+    # The paper's rule and the released code's values (absolute threshold g^2 > 0.5, no
+    # clipping): it never fires on a pretrained model's small gradients.
+    "classp": ["strategy=classp_paper", "trainer.max_grad_norm=null"],
+    # The defaults: quantile threshold (top 10% by |g|) with the code's AdaGrad-like sum, alpha 1e-3.
+    "classp_llm": ["strategy=classp", "trainer.max_grad_norm=null"],
     "rewarm_replay": ["strategy=rewarm_replay"],
     "seq_ft_lines": ["lines.enabled=true"],
     # Scaling each task's own update (not the whole drift from the pretrained weights).
