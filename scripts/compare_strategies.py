@@ -37,9 +37,10 @@ STRATEGIES: dict[str, list[str]] = {
     # The defaults: quantile threshold (top 10% by |g|) with the code's AdaGrad-like sum, alpha 1e-3.
     "classp_llm": ["strategy=classp", "trainer.max_grad_norm=null"],
     "rewarm_replay": ["strategy=rewarm_replay"],
+    # The default: each task's own update scaled once (reference = the task's start).
     "seq_ft_lines": ["lines.enabled=true"],
-    # Scaling each task's own update (not the whole drift from the pretrained weights).
-    "seq_ft_lines_prev": ["lines.enabled=true", "lines.reference=previous_task"],
+    # The paper's reference applied to the training state after every task: compounds.
+    "seq_ft_lines_pretrained": ["lines.enabled=true", "lines.reference=pretrained"],
 }
 
 
