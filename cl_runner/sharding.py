@@ -4,7 +4,8 @@ Every repeated transformer block is one `fully_shard` unit and the root (embeddi
 final norm, head) another, so parameters, gradients and AdamW's moments live as DTensor
 shards on dim 0, one slice per process; a block's full weights exist only between FSDP's
 all-gather and its reshard. Under `trainer.precision=bf16` the gathered parameters are
-bf16 and gradients are reduced in fp32 (the sharded master weights stay fp32).
+bf16 and gradients are reduced in fp32; the sharded weights the optimizer steps keep
+`model.dtype` (fp32 master weights for a float32 model).
 
 Strategies see the sharded parameters (`DTensor`s) and work on their local shards
 (`local`); `is_sharded` tells a strategy which world it is in.
@@ -105,10 +106,6 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     setter = getattr(model, "set_requires_gradient_sync", None)
     if setter is not None:
         setter(enabled)
-
-
-def sharded_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in model.named_parameters() if is_sharded(p))
 
 
 def full_state_dict(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
