@@ -16,6 +16,21 @@ loss on the data labels (`fisher: empirical`) or on labels sampled from the mode
 predictive distribution (`fisher: sampled`, the true Fisher's estimator), per batch
 (`granularity: batch`, normalised by the number of batches) or per example (`sample`,
 normalised by the number of examples). F and theta* are fp32, on the parameters' devices.
+
+`fisher: trace_online` is the variant of the TRACE benchmark (Wang et al. 2023, "TRACE: A
+Comprehensive Benchmark for Continual Learning in Large Language Models", arXiv 2310.06762;
+code: github.com/BeyonderXX/TRACE, model/Regular/EWC.py), for reproducing its numbers. No
+separate pass: after every optimizer step of the task the squared gradients of the full
+objective (loss + penalty, the gradients the step uses, before clipping; NaN -> 0 and each
+entry clamped to +-trainer.max_grad_norm when set, as TRACE clamps to DeepSpeed's
+gradient_clipping) are added into a running sum S and the steps counted (n). After the task,
+as TRACE does (its Fisher is never reset; it adds into it and divides the whole by the
+task's step count): F <- (F_prev + S) / n, i.e. the task's Fisher S / n plus the previous
+one divided by n; theta* <- the weights at the task's end. Online mode only; gamma and
+normalize_fisher do not apply. S and n are part of the state, so a run resumed mid-task
+continues the same accumulation. (TRACE divides by the batches of one epoch and squares the
+last micro-batch's gradient; here n counts optimizer steps and the gradient is the step's
+accumulated one: the same at one epoch without gradient accumulation.)
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ from cl_runner.streams.task import Example, Task
 
 IGNORE = -100
 MODES = ("online", "separate")
-FISHERS = ("empirical", "sampled")
+FISHERS = ("empirical", "sampled", "trace_online")
 GRANULARITIES = ("batch", "sample")
 
 
@@ -49,7 +64,8 @@ class EWCConfig:
     mode: str = "online"
     # online: decay of the old Fisher, F <- gamma F + F_new (1.0 = plain sum).
     gamma: float = 1.0
-    # empirical (data labels) | sampled (labels drawn from the model's predictions)
+    # empirical (data labels) | sampled (labels drawn from the model's predictions) |
+    # trace_online (TRACE's: squared full-objective gradients of the training steps, no pass)
     fisher: str = "empirical"
     # batch (squared mean-loss gradient per batch) | sample (per-example squared gradients)
     granularity: str = "batch"
@@ -112,7 +128,16 @@ class ElasticWeightConsolidation(Strategy):
         for key in ("fisher_samples", "fisher_batch_size"):
             if getattr(config, key) < 1:
                 raise ValueError(f"bad value for 'strategy.{key}': {getattr(config, key)!r}; use a positive integer")
+        if config.fisher == "trace_online":
+            for key, ok, why in (("mode", config.mode == "online", "online"), ("gamma", config.gamma == 1.0, "1.0"),
+                                 ("normalize_fisher", not config.normalize_fisher, "false")):
+                if not ok:
+                    raise ValueError(f"bad value for 'strategy.{key}': {getattr(config, key)!r}; with "
+                                     f"strategy.fisher=trace_online use {why} (TRACE's merge has no such option)")
         self.carry_optimizer = bool(config.carry_optimizer)
+        # trace_online: running sum of squared step gradients of the current task, and its steps.
+        self.grad_sq_sum: dict[str, torch.Tensor] = {}
+        self.grad_steps = 0
         # One (fisher, anchor) pair in online mode; one per past task in separate mode.
         self.fishers: list[dict[str, torch.Tensor]] = []
         self.anchors: list[dict[str, torch.Tensor]] = []
@@ -139,10 +164,46 @@ class ElasticWeightConsolidation(Strategy):
             return None
         return 0.5 * self.config.ewc_lambda * total
 
+    def after_backward(self) -> None:
+        if self.config.fisher != "trace_online":
+            return
+        clamp = getattr(self.ctx.trainer, "max_grad_norm", None)
+        with torch.no_grad():
+            for n, p in self.ctx.unwrapped_model.named_parameters():
+                if not p.requires_grad or p.grad is None:
+                    continue
+                g = torch.nan_to_num(p.grad.float(), nan=0.0)
+                if clamp:
+                    g = g.clamp(-float(clamp), float(clamp))
+                if n not in self.grad_sq_sum:
+                    # Shaped like the parameter (a DTensor under FSDP, each rank its shard).
+                    self.grad_sq_sum[n] = torch.zeros_like(p, dtype=torch.float32)
+                self.grad_sq_sum[n].add_(g.pow(2))
+        self.grad_steps += 1
+
+    def trace_fisher(self) -> dict[str, torch.Tensor]:
+        """TRACE's merge: (F_prev + S) / n, or S / n for the first task; resets S and n."""
+        steps = max(1, self.grad_steps)
+        previous = self.fishers[0] if self.fishers else {}
+        fisher = {n: (previous[n] + s if n in previous else s) / steps for n, s in self.grad_sq_sum.items()}
+        fisher.update({n: f / steps for n, f in previous.items() if n not in fisher})
+        self.grad_sq_sum, self.grad_steps = {}, 0
+        return fisher
+
     def after_task(self, t: int, task: Task) -> None:
         if t == len(self.ctx.stream) - 1:
+            self.grad_sq_sum, self.grad_steps = {}, 0
             return  # nothing is trained after the last task: its Fisher would never be used
         started = time.perf_counter()
+        if self.config.fisher == "trace_online":
+            task_mean = mean_of({n: s / max(1, self.grad_steps) for n, s in self.grad_sq_sum.items()})
+            fisher = self.trace_fisher()
+            self.fisher_means.append(task_mean)
+            model = self.ctx.unwrapped_model
+            self.fishers = [fisher]
+            self.anchors = [{n: p.detach().float().clone() for n, p in model.named_parameters() if n in fisher}]
+            self.fisher_seconds += time.perf_counter() - started
+            return
         fisher = self.fisher_diagonal(t, task.train)
         self.fisher_means.append(mean_of(fisher))  # before normalising: tells the scale lambda meets
         if self.config.normalize_fisher:
@@ -227,7 +288,8 @@ class ElasticWeightConsolidation(Strategy):
     # -- bookkeeping ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"fishers": self.fishers, "anchors": self.anchors, "fisher_means": list(self.fisher_means),
-                "fisher_seconds": self.fisher_seconds, "fisher_examples": self.fisher_examples}
+                "fisher_seconds": self.fisher_seconds, "fisher_examples": self.fisher_examples,
+                "grad_sq_sum": self.grad_sq_sum, "grad_steps": self.grad_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         devices = {n: p.device for n, p in self.ctx.unwrapped_model.named_parameters()}
@@ -240,9 +302,11 @@ class ElasticWeightConsolidation(Strategy):
         self.fisher_means = list(state.get("fisher_means", []))
         self.fisher_seconds = float(state.get("fisher_seconds", 0.0))
         self.fisher_examples = int(state.get("fisher_examples", 0))
+        self.grad_sq_sum = placed([state.get("grad_sq_sum", {})])[0]
+        self.grad_steps = int(state.get("grad_steps", 0))
 
     def extra_state_bytes(self) -> int:
-        return tensor_bytes(self.fishers) + tensor_bytes(self.anchors)
+        return tensor_bytes(self.fishers) + tensor_bytes(self.anchors) + tensor_bytes(self.grad_sq_sum)
 
     def report(self) -> dict[str, Any]:
         return {"mode": self.config.mode, "fisher": self.config.fisher, "granularity": self.config.granularity,

@@ -234,7 +234,7 @@ def test_sampled_fisher_runs_and_differs_from_empirical():
 
 @pytest.mark.parametrize("key,value,match", [
     ("mode", "offline", r"strategy\.mode.*'offline'.*online, separate"),
-    ("fisher", "true", r"strategy\.fisher.*empirical, sampled"),
+    ("fisher", "true", r"strategy\.fisher.*empirical, sampled, trace_online"),
     ("granularity", "token", r"strategy\.granularity.*batch, sample"),
     ("gamma", 1.5, r"strategy\.gamma"),
     ("ewc_lambda", -1.0, r"strategy\.ewc_lambda"),
@@ -243,3 +243,110 @@ def test_sampled_fisher_runs_and_differs_from_empirical():
 def test_bad_options(key, value, match):
     with pytest.raises(ValueError, match=match):
         ElasticWeightConsolidation(OmegaConf.structured(EWCConfig(**{key: value})))
+
+
+# ---------------------------------------------------------------- TRACE's online Fisher
+def trace_step(s: ElasticWeightConsolidation, model: nn.Module, examples: list[Example],
+               optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer step the way the loop runs it: backward of loss + penalty, then
+    after_backward; returns the gradients the hook saw."""
+    batch = collate(examples)
+    penalty = s.penalty(model, batch)
+    objective = mse(model, batch) if penalty is None else mse(model, batch) + penalty
+    objective.backward()
+    s.after_backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=False)
+    return grads
+
+
+def no_fisher_pass(*args, **kwargs):
+    raise AssertionError("trace_online must not run a Fisher pass")
+
+
+def test_trace_online_fisher_by_hand(monkeypatch):
+    model = Line()
+    s = make(model, stream(POINTS, POINTS, POINTS), fisher="trace_online", ewc_lambda=2.0)
+    monkeypatch.setattr(s, "fisher_diagonal", no_fisher_pass)
+    # Task 0 (no penalty): batch gradients (3, 2) and (-1, -1): F = ((9, 4) + (1, 1)) / 2.
+    trace_step(s, model, POINTS[:2])
+    trace_step(s, model, POINTS[2:])
+    s.after_task(0, s.ctx.stream[0])
+    assert values(s.fishers[0]) == pytest.approx({"w": 5.0, "b": 2.5})
+    assert values(s.anchors[0]) == pytest.approx({"w": 1.0, "b": 0.0})
+    assert s.grad_steps == 0 and not s.grad_sq_sum
+    # Task 1 at theta = (2, 1), one step on x = 1, y = 0: loss gradient 2 * 3 * (1, 1) = (6, 6),
+    # penalty gradient lambda F (theta - theta*) = 2 * (5, 2.5) = (10, 5): full objective (16, 11).
+    # TRACE's merge: F = (F_prev + sum g^2) / steps = ((5, 2.5) + (256, 121)) / 1.
+    set_params(model, 2.0, 1.0)
+    grads = trace_step(s, model, [Example("1", "0")])
+    assert values(grads) == pytest.approx({"w": 16.0, "b": 11.0})
+    s.after_task(1, s.ctx.stream[1])
+    assert values(s.fishers[0]) == pytest.approx({"w": 261.0, "b": 123.5})
+    assert values(s.anchors[0]) == pytest.approx({"w": 2.0, "b": 1.0})
+    assert s.report()["fisher_mean_per_task"] == pytest.approx([3.75, 188.5])  # the tasks' own S / n
+
+
+def test_trace_online_is_the_mean_of_squared_full_objective_gradients(monkeypatch):
+    model = Line()
+    s = make(model, stream(POINTS, POINTS, POINTS), fisher="trace_online", ewc_lambda=3.0)
+    monkeypatch.setattr(s, "fisher_diagonal", no_fisher_pass)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = [trace_step(s, model, POINTS[i:i + 2], optimizer) for i in range(3)]
+    s.after_task(0, s.ctx.stream[0])
+    first = {n: torch.stack([g[n] ** 2 for g in seen]).mean() for n in ("w", "b")}
+    assert values(s.fishers[0]) == pytest.approx(values(first))
+    seen = [trace_step(s, model, POINTS[i:i + 2], optimizer) for i in (2, 0)]
+    assert float(s.penalty(model, {}).detach()) > 0  # the penalty is in play
+    s.after_task(1, s.ctx.stream[1])
+    expected = {n: (first[n] + sum(g[n] ** 2 for g in seen)) / 2 for n in ("w", "b")}
+    assert values(s.fishers[0]) == pytest.approx(values(expected))
+    assert values(s.anchors[0]) == pytest.approx({n: float(p.detach()) for n, p in model.named_parameters()})
+
+
+def test_trace_online_state_round_trip_mid_task_continues_the_accumulation():
+    import copy
+
+    batches = [POINTS[:2], POINTS[1:3], POINTS[2:], POINTS[:1]]
+
+    def run(resume_after: int | None) -> dict[str, float]:
+        torch.manual_seed(0)
+        model = Line()
+        s = make(model, stream(POINTS, POINTS, POINTS), fisher="trace_online", ewc_lambda=1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        trace_step(s, model, POINTS[:2], optimizer)
+        s.after_task(0, s.ctx.stream[0])
+        for i, examples in enumerate(batches):
+            if i == resume_after:
+                state = copy.deepcopy(s.state_dict())
+                assert state["grad_steps"] == i and set(state["grad_sq_sum"]) == {"w", "b"}
+                s = make(model, stream(POINTS, POINTS, POINTS), fisher="trace_online", ewc_lambda=1.0)
+                s.load_state_dict(state)
+            trace_step(s, model, examples, optimizer)
+        s.after_task(1, s.ctx.stream[1])
+        return values(s.fishers[0])
+
+    straight = run(None)
+    assert run(2) == straight  # bit for bit
+
+
+def test_trace_online_clamps_like_trace_and_skips_the_last_task(monkeypatch):
+    model = Line()
+    s = make(model, stream(POINTS, POINTS), fisher="trace_online")
+    monkeypatch.setattr(s, "fisher_diagonal", no_fisher_pass)
+    s.ctx.trainer = SimpleNamespace(lr=1e-3, max_grad_norm=2.5)
+    trace_step(s, model, POINTS[:2])  # gradient (3, 2) -> entries clamped to +-2.5
+    assert values(s.grad_sq_sum) == pytest.approx({"w": 6.25, "b": 4.0})
+    assert s.extra_state_bytes() == 2 * 4
+    s.after_task(1, s.ctx.stream[1])  # the last task: no Fisher kept, the sum dropped
+    assert not s.fishers and not s.grad_sq_sum and s.grad_steps == 0
+
+
+def test_trace_online_config():
+    s = ElasticWeightConsolidation(OmegaConf.structured(EWCConfig(fisher="trace_online")))
+    assert s.config.fisher == "trace_online"
+    for key, value in (("mode", "separate"), ("gamma", 0.5), ("normalize_fisher", True)):
+        with pytest.raises(ValueError, match=rf"strategy\.{key}.*trace_online"):
+            ElasticWeightConsolidation(OmegaConf.structured(EWCConfig(fisher="trace_online", **{key: value})))
