@@ -18,7 +18,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -110,21 +110,23 @@ def save_checkpoint(folder: Path, progress: Progress, model_state: dict, optimiz
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
-    _prune(folder, keep, path)
+    prune_checkpoints(folder, keep, path)
     return path
 
 
-def _prune(folder: Path, keep: int, newest: Path) -> None:
-    """Keep the newest `keep` checkpoints (by progress order in the file name). A file
-    further along than the one just written is left from before a fall-back past an
-    unreadable checkpoint (see `load_latest_checkpoint`): the run has moved on without it."""
-    existing = sorted(p for p in folder.glob("task*.pt"))
+def prune_checkpoints(folder: Path, keep: int, newest: Path, pattern: str = "task*.pt",
+                      remove: Callable[[Path], None] = lambda p: p.unlink(missing_ok=True)) -> None:
+    """Keep the newest `keep` checkpoints (by progress order in the name). One further
+    along than the one just written is left from before a fall-back past an unreadable
+    checkpoint (see `load_latest_checkpoint`): the run has moved on without it. Sharded
+    checkpoints (folders) pass their own pattern and `remove`."""
+    existing = sorted(folder.glob(pattern))
     for stale in (p for p in existing if p.name > newest.name):
-        stale.unlink(missing_ok=True)
+        remove(stale)
     existing = [p for p in existing if p.name <= newest.name]
     for old in existing[:-keep] if keep > 0 else []:
         if old != newest:
-            old.unlink(missing_ok=True)
+            remove(old)
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:

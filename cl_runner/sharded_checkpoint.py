@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from cl_runner.checkpoint import CorruptCheckpointError, Progress, checkpoint_name, rng_state
+from cl_runner.checkpoint import CorruptCheckpointError, Progress, checkpoint_name, prune_checkpoints, rng_state
 from cl_runner.sharding import is_sharded
 
 SUFFIX = ".dcp"
@@ -127,19 +127,10 @@ def save_sharded_checkpoint(folder: Path, progress: Progress, model: torch.nn.Mo
         torch.save(meta, tmp / "meta.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _prune(folder, keep, final)
+        prune_checkpoints(folder, keep, final, pattern=f"task*{SUFFIX}",
+                          remove=lambda p: shutil.rmtree(p, ignore_errors=True))
     dist.barrier()
     return final
-
-
-def _prune(folder: Path, keep: int, newest: Path) -> None:
-    existing = sorted(p for p in folder.glob(f"task*{SUFFIX}") if p.is_dir())
-    for stale in (p for p in existing if p.name > newest.name):
-        shutil.rmtree(stale, ignore_errors=True)
-    existing = [p for p in existing if p.name <= newest.name]
-    for old in existing[:-keep] if keep > 0 else []:
-        if old != newest:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- load

@@ -80,6 +80,8 @@ class ShardedSubspaces:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.group = None
         self._before: list[Optional[Tensor]] = []
+        # (bucket_bytes, buckets): fixed between basis changes, so packed once per task.
+        self._bucket_list: Optional[tuple[int, list[list[_Target]]]] = None
         for tg in self.targets:
             start, stop = chunk_rows(tg.shape[0], self.world, self.rank)
             if local(tg.param).shape[0] != stop - start:
@@ -125,6 +127,7 @@ class ShardedSubspaces:
         gathered, for `bases: accumulate`), stored sides scattered back as shards.
         Returns (k_left, k_right) per target (the same on every rank)."""
         kept: list[tuple[int, int]] = []
+        self._bucket_list = None
         for i, (tg, k) in enumerate(zip(self.targets, ks)):
             owner = i % self.world
             m, n = tg.shape
@@ -162,6 +165,12 @@ class ShardedSubspaces:
 
     # ------------------------------------------------------------------ projections
     def _buckets(self) -> list[list[_Target]]:
+        """Targets packed in order up to bucket_bytes (computed once per set of bases)."""
+        if self._bucket_list is None or self._bucket_list[0] != self.bucket_bytes:
+            self._bucket_list = (self.bucket_bytes, self._pack_buckets())
+        return self._bucket_list[1]
+
+    def _pack_buckets(self) -> list[list[_Target]]:
         buckets, current, size = [], [], 0
         for tg in self.targets:
             if tg.left is None:
@@ -286,6 +295,7 @@ class ShardedSubspaces:
                             for tg in self.targets if tg.left is not None}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._bucket_list = None
         for tg in self.targets:
             saved = state["targets"].get(tg.name)
             if saved is None:
