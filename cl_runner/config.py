@@ -63,7 +63,7 @@ class TaskStreamConfig:
     num_digits: int = 5
     train_size: int = 2000
     test_size: int = 100
-    # custom: list of task entries (see README, "Custom streams")
+    # custom: list of task entries (see docs/data.md, "Custom streams")
     tasks: list[Any] = field(default_factory=list)
     # olora: wrap sentences in the instruction template (generative models);
     # null = template for causal/seq2seq models, bare sentence for classifiers.
@@ -249,7 +249,7 @@ def _check_ranges(cfg: DictConfig) -> None:
         _check(bool(ts.data_dir), "task_stream.data_dir", ts.data_dir,
                f"set task_stream.data_dir=/path/to/{'TRACE root (one folder per task)' if ts.kind == 'trace' else 'CL_Benchmark root (<TaskType>/<Dataset>/...)'}")
     if ts.kind == "custom":
-        _check(len(ts.tasks) > 0, "task_stream.tasks", list(ts.tasks), "list at least one task entry (see README, Custom streams)")
+        _check(len(ts.tasks) > 0, "task_stream.tasks", list(ts.tasks), "list at least one task entry (see docs/data.md, Custom streams)")
     ev = cfg.evaluation
     _check(ev.temperature > 0, "evaluation.temperature", ev.temperature, "use a positive temperature")
     _check(0 < ev.top_p <= 1, "evaluation.top_p", ev.top_p, "use a value in (0, 1]")

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-# label -> overrides. The strategy settings are the ones measured on MiniLM (README,
-# "Measured results"): defaults unless a default is known not to fit a 22M encoder.
+# label -> overrides. The strategy settings are the ones measured on MiniLM (docs/results.md,
+# results/reproduce/minilm_quick): defaults unless a default is known not to fit a 22M encoder.
 STRATEGIES: dict[str, list[str]] = {
     "seq_ft": [],
     "multitask": ["strategy=multitask"],

@@ -184,7 +184,7 @@ def test_the_sbatch_script_asks_for_the_nodes_tasks_and_gpus(tmp_path, monkeypat
 
 
 def test_the_readme_slurm_recipe_composes_and_validates():
-    """README's 2 nodes x 8 GPUs FSDP + bf16 sweep, one of its configs (trace_paper brings
+    """docs/scale.md's 2 nodes x 8 GPUs FSDP + bf16 sweep, one of its configs (trace_paper brings
     trainer=finetune, which must take trainer.sharding too)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from omegaconf import open_dict
