@@ -127,6 +127,30 @@ def test_local_configs_folder_shadows_package(tmp_path, monkeypatch):
     assert "name: my_model" in out.stdout
 
 
+def test_local_default_config_is_read_and_the_command_line_wins(tmp_path):
+    """configs/local/default.yaml in the working directory (git-ignored, top-level keys) is
+    merged into every run; an override on the command line still wins over it."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "configs" / "local").mkdir(parents=True)
+    (tmp_path / "configs" / "local" / "default.yaml").write_text(
+        "experiment_name: from_local\ntrainer:\n  lr: 0.0123\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "cl_runner.cli", "dry_run=true", "logger=none"]
+    out = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "experiment_name: from_local" in out.stdout and "lr: 0.0123" in out.stdout
+    out = subprocess.run([*base, "trainer.lr=0.5"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.5" in out.stdout and "lr: 0.0123" not in out.stdout
+
+
+def test_without_local_config_nothing_changes():
+    assert compose([]).experiment_name == "default"
+
+
 def test_misspelt_command_line_key_gets_did_you_mean_not_hydras_append_hint():
     from hydra.core.global_hydra import GlobalHydra
 
