@@ -359,11 +359,18 @@ def svd_target_bytes(m: int, n: int, k: int, projection: str = "two_sided", basi
     return bases, ((k * n if lk == "basis" else 0) + (m * k if rk == "basis" else 0)) * FP32
 
 
-def _svd_k(dim: int, fraction: float, rounding: str) -> int:
+def _svd_k(dim: int, fraction: float, rounding: str, size: Optional[int] = None) -> int:
+    """k for a matrix of rank dimension `dim`; the fraction multiplies `size` (default dim;
+    max(m, n) under rank.fraction_of=max_dim)."""
     from cl_runner.strategies.svd_rank import _EPS, _round_half_up, clamp_rank
 
-    raw = _round_half_up(fraction * dim) if rounding == "half_up" else math.floor(fraction * dim + _EPS)
+    size = dim if size is None else size
+    raw = _round_half_up(fraction * size) if rounding == "half_up" else math.floor(fraction * size + _EPS)
     return clamp_rank(raw, dim)
+
+
+def _fraction_size(r: Any, m: int, n: int) -> int:
+    return max(m, n) if r.mode == "ratio" and r.get("fraction_of", "min_dim") == "max_dim" else min(m, n)
 
 
 def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> StrategyEstimate:
@@ -390,7 +397,7 @@ def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> 
             fraction = max(fraction, s.rank_budget)  # worst case: the union has reached the budget
         bases = anchors = 0
         for m, n in shapes:
-            k = _svd_k(min(m, n), fraction, "floor" if s.bases == "accumulate" else rounding)
+            k = _svd_k(min(m, n), fraction, "floor" if s.bases == "accumulate" else rounding, _fraction_size(r, m, n))
             b, a = svd_target_bytes(m, n, k, s.projection, basis_bytes, param_bytes)
             bases, anchors = bases + b, anchors + a
         if bases + anchors > best[0]:
@@ -409,7 +416,7 @@ def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> 
     for shape in set(shapes):
         m, n = shape
         count = shapes.count(shape)
-        k = _svd_k(min(m, n), fraction, rounding)
+        k = _svd_k(min(m, n), fraction, rounding, _fraction_size(r, m, n))
         dense = 2 * k > min(m, n)
         transient = max(transient, count * m * n * FP32 * (2 if dense else 1))
     trainable = sum(m * n for m, n in shapes) if s.freeze_untargeted else None
@@ -489,7 +496,7 @@ def _estimate_svd_sharded(s: Any, shapes: list[tuple[int, int]], basis_bytes: in
             ks = [_svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes]
         else:
             fraction = scheduled_fraction(base, t, r.schedule_step, r.schedule_cap)
-            ks = [_svd_k(min(m, n), fraction, rounding) for m, n in shapes]
+            ks = [_svd_k(min(m, n), fraction, rounding, _fraction_size(r, m, n)) for m, n in shapes]
         for w in worst:
             got = svd_sharded_bytes(shapes, ks, w, s.projection, basis_bytes, param_bytes, mb)
             worst[w] = tuple(max(a, b) for a, b in zip(worst[w], got))  # type: ignore[assignment]

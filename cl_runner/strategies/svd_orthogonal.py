@@ -38,7 +38,7 @@ from cl_runner import ops
 from cl_runner.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.registry import register
-from cl_runner.strategies.svd_rank import (_EPS, NORMALISATIONS, adaptive_ranks, clamp_rank,
+from cl_runner.strategies.svd_rank import (_EPS, FRACTION_OF, NORMALISATIONS, adaptive_ranks, clamp_rank,
                                            layer_importances, ratio_ranks, scheduled_fraction)
 from cl_runner.strategies.svd_targets import Target, find_targets
 from cl_runner.streams.task import Task
@@ -81,6 +81,9 @@ class SVDRankConfig:
     normalise: str = "minmax"
     # Ratio: the trainable fraction; k = floor(min(m, n) * (1 - unfreeze_ratio)).
     unfreeze_ratio: float = 0.25
+    # Ratio: the size the preserved fraction multiplies: min_dim (mini_trainer) | max_dim
+    # (the Sculpting Subspaces code: floor(max(m, n) * fraction), capped at min(m, n)).
+    fraction_of: str = "min_dim"
     # Adaptive: examples of the previous task (the current one at t = 0) for importance.
     importance_examples: int = 128
     # Every preserved fraction grows by this much per task (0 = off; the paper's T5 runs).
@@ -143,6 +146,7 @@ class SVDOrthogonal(Strategy):
         self.freezes_parameters = bool(c.freeze_untargeted)
         _choice(r.mode, "strategy.rank.mode", RANK_MODES)
         _choice(r.normalise, "strategy.rank.normalise", NORMALISATIONS)
+        _choice(r.fraction_of, "strategy.rank.fraction_of", FRACTION_OF)
         _choice(c.first_task, "strategy.first_task", FIRST_TASK)
         _choice(c.projection, "strategy.projection", ops.MODES)
         _choice(c.bases, "strategy.bases", BASES_MODES)
@@ -268,7 +272,8 @@ class SVDOrthogonal(Strategy):
         if r.mode == "ratio":
             fraction = scheduled_fraction(1.0 - r.unfreeze_ratio, t, r.schedule_step,
                                           r.schedule_cap)
-            return ratio_ranks(dims, fraction), "ratio", 0.0
+            sizes = [max(tg.shape) for tg in self.targets] if r.fraction_of == "max_dim" else None
+            return ratio_ranks(dims, fraction, sizes), "ratio", 0.0
         started = time.perf_counter()
         if t > 0:
             previous = self.ctx.stream[t - 1]

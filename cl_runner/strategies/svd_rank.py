@@ -22,7 +22,7 @@ N example scores, so long and short examples weigh the same.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +93,16 @@ def adaptive_ranks(importances: Sequence[float], dims: Sequence[int], mrr: float
     return ks
 
 
-def ratio_ranks(dims: Sequence[int], preserved_fraction: float) -> list[int]:
-    """k = floor(dim · preserved_fraction), clamped to [0, dim − 1] (mini_trainer's rule
-    with preserved_fraction = 1 − unfreeze_ratio)."""
-    return [clamp_rank(math.floor(dim * preserved_fraction + _EPS), dim) for dim in dims]
+FRACTION_OF = ("min_dim", "max_dim")
+
+
+def ratio_ranks(dims: Sequence[int], preserved_fraction: float,
+                sizes: Optional[Sequence[int]] = None) -> list[int]:
+    """k = floor(size · preserved_fraction), clamped to [0, dim − 1], where dim = min(m, n)
+    and size = dim (mini_trainer's rule, preserved_fraction = 1 − unfreeze_ratio) or, given
+    `sizes`, max(m, n) (the Sculpting Subspaces code's top_k = floor(max(W.shape) · scale))."""
+    sizes = dims if sizes is None else sizes
+    return [clamp_rank(math.floor(size * preserved_fraction + _EPS), dim) for dim, size in zip(dims, sizes)]
 
 
 def scheduled_fraction(fraction: float, t: int, step: float, cap: float) -> float:

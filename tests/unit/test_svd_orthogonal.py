@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from cl_runner.batching import compute_loss
 from cl_runner.strategies.base import StrategyContext
-from cl_runner.strategies.svd_orthogonal import SVDOrthogonal, SVDOrthogonalConfig
+from cl_runner.strategies.svd_orthogonal import SVDOrthogonal, SVDOrthogonalConfig, SVDRankConfig
 from cl_runner.strategies.svd_rank import adaptive_ranks, ratio_ranks, scheduled_fraction
 from cl_runner.strategies.svd_targets import find_targets
 from cl_runner.streams.task import Example, Task, TaskStream
@@ -595,16 +595,36 @@ def test_t5_sculpting_preset_composes_with_the_authors_settings():
     assert cfg.task_stream.name == "cl_standard_order1"  # from t5_standard
     s = cfg.strategy
     assert s.name == "svd_orthogonal" and s.first_task == "full" and s.projection == "two_sided"
-    assert (s.rank.mode, s.rank.normalise, s.rank.mrr, s.rank.trr) == ("adaptive", "minmax", 0.1, 0.8)
-    assert (s.rank.schedule_step, s.rank.schedule_cap) == (0.0, 0.95)  # not stated: schedule off
-    assert (cfg.trainer.lr, cfg.trainer.epochs) == (1.0e-4, 1)
+    # the authors' code: k = floor(max(m, n) * 0.25 t), capped, from task 2 on
+    assert (s.rank.mode, s.rank.fraction_of, s.rank.unfreeze_ratio) == ("ratio", "max_dim", 1.0)
+    assert (s.rank.schedule_step, s.rank.schedule_cap) == (0.25, 1.0)
+    tr = cfg.trainer
+    assert (tr.lr, tr.epochs, tr.batch_size, tr.weight_decay, tr.max_grad_norm) == (5.0e-5, 1, 8, 0.01, None)
+    assert cfg.evaluation.max_new_tokens == 16 and cfg.model.max_length == 512
     SVDOrthogonal(s)  # the options validate
+    # T5-large shapes: q (1024 x 1024) and wi (4096 x 1024) at tasks 2..4
+    fractions = [scheduled_fraction(1.0 - s.rank.unfreeze_ratio, t, s.rank.schedule_step, s.rank.schedule_cap)
+                 for t in (1, 2, 3)]
+    assert [ratio_ranks([1024, 1024], f, [1024, 4096]) for f in fractions] == [[256, 1023], [512, 1023], [768, 1023]]
     # cross-attention is left free: on a tiny T5, self-attention and feed-forward only
     model, _ = tiny("t5")
     names = [t.name for t in find_targets(model, "t5", plain_config(s.targets))]
     assert len(names) == 24 and not any("EncDecAttention" in n for n in names)
     assert sum(".SelfAttention." in n for n in names) == 16
     assert sum(".DenseReluDense." in n for n in names) == 8
+
+
+def test_ratio_ranks_of_max_dim_match_the_sculpting_code():
+    """fraction_of=max_dim: k = floor(max(m, n) * f), at most min(m, n) - 1 (one direction
+    stays trainable; the authors' code lets k reach min(m, n))."""
+    assert ratio_ranks([4, 4, 6], 0.5) == [2, 2, 3]  # min_dim
+    assert ratio_ranks([4, 4, 6], 0.5, [4, 10, 8]) == [2, 3, 4]
+    assert ratio_ranks([4], 0.9, [10]) == [3]
+
+
+def test_fraction_of_is_checked():
+    with pytest.raises(ValueError, match="strategy.rank.fraction_of"):
+        SVDOrthogonal(SVDOrthogonalConfig(rank=SVDRankConfig(fraction_of="max")))
 
 
 @pytest.mark.parametrize("first_task", ["full", "constrained"])
