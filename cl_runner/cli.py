@@ -25,10 +25,16 @@ from cl_runner.tracking import RunFolderError
 PACKAGE_CONFIGS = package_configs()
 
 
-def run_label(cfg: DictConfig) -> str:
-    base = cfg.strategy.name
+def strategy_label(cfg: DictConfig) -> str:
+    """strategy_label when set (a preset's name), else the base strategy and its add-ons."""
+    if cfg.get("strategy_label"):
+        return str(cfg.strategy_label)
     addons = [k for k in ("replay", "lr_schedule", "lines") if cfg.get(k) is not None and cfg[k].get("enabled")]
-    return "_".join([cfg.task_stream.name, cfg.model.name, "+".join([base] + addons), f"s{cfg.seed}"])
+    return "+".join([cfg.strategy.name] + addons)
+
+
+def run_label(cfg: DictConfig) -> str:
+    return "_".join([cfg.task_stream.name, cfg.model.name, strategy_label(cfg), f"s{cfg.seed}"])
 
 
 def launched_on_cpus() -> bool:

@@ -155,6 +155,9 @@ class RunSettings:
 
     experiment_name: str = "default"
     seed: int = 0
+    # How run folders and reports name the strategy; None = its name and the add-ons on
+    # (seq_ft+lr_schedule+replay). A strategy preset sets it (strategy=rewarm_replay).
+    strategy_label: Optional[str] = None
     output_dir: Optional[str] = None
     resume: Optional[str] = None
     # Print the resolved config and stop.

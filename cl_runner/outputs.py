@@ -92,7 +92,8 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         "experiment": loop.cfg.experiment_name,
         "model": loop.cfg.model.name,
         "task_stream": loop.cfg.task_stream.name,
-        "strategy": loop.strategy.name,
+        "strategy": loop.cfg.get("strategy_label") or loop.strategy.name,
+        "strategy_members": loop.strategy.name,  # the base strategy + add-ons that ran
         "seed": loop.cfg.seed,
         "tasks": names,
         "R": progress.R,

@@ -58,7 +58,7 @@ GRANULARITIES = ("batch", "sample")
 class EWCConfig:
     name: str = "ewc"
     # Penalty strength lambda (the penalty is lambda/2 * sum F (theta - theta*)^2). No value
-    # transfers across models and Fisher settings: sweep it (see configs/strategy/ewc.yaml).
+    # transfers across models and Fisher settings: sweep it (see docs/strategies.md).
     ewc_lambda: float = 400.0
     # online (one running F, theta*) | separate (one pair per past task)
     mode: str = "online"

@@ -2,7 +2,8 @@
 package's configs file by file (users keep their own models and streams beside their
 code). Hydra discovers it through the `hydra_plugins` namespace package, for every Hydra
 app in the environment, so it acts only when the app is cl-run (its search path holds
-cl-runner's own configs)."""
+cl-runner's own configs). For cl-run it also registers the schema defaults the option files
+build on (`cl_runner/config_schemas.py`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +29,9 @@ class ClRunnerLocalConfigs(SearchPathPlugin):
         in_use = {p.path.removeprefix("file://") for p in search_path.get_path() if p.path}
         if str(ours) not in in_use:
             return  # another Hydra app: leave its search path alone
+        from cl_runner.config_schemas import register_schemas
+
+        register_schemas()  # the option files' defaults lists name these schema nodes
         local = (Path.cwd() / "configs").resolve()
         if local.is_dir() and local != ours:
             search_path.prepend(provider="cl-runner-local", path=f"file://{local}")

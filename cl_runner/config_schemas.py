@@ -1,0 +1,37 @@
+"""Each option's default is written once, in its dataclass schema (`config.py` for the
+trainer, each strategy's module for its options). Hydra sees those defaults through its
+ConfigStore as plain nodes (types are checked later by `config.validate`, which gives the
+one-line errors), so a YAML option file lists only what differs from its schema:
+
+    # configs/strategy/classp_paper.yaml
+    defaults:
+      - /schema/strategy@_here_: classp
+      - _self_
+    threshold_mode: absolute
+
+Registered by cl-run's search-path plugin before Hydra composes anything (the CLI, tests,
+the compose API alike)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def schema_node(schema: type) -> DictConfig:
+    """The schema's defaults as an untyped node (so a bad value reaches validate())."""
+    return OmegaConf.create(asdict(schema()))
+
+
+def register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from cl_runner.config import TrainerConfig
+    from cl_runner.strategies import registry
+
+    store = ConfigStore.instance()
+    store.store(group="schema", name="trainer", node=schema_node(TrainerConfig))
+    for name, reg in registry.registrations(registry.BASE).items():
+        store.store(group="schema/strategy", name=name, node=schema_node(reg.config))
+    for name, reg in registry.registrations(registry.ADDON).items():
+        store.store(group="schema/addons", name=name, node=schema_node(reg.config))
