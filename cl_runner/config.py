@@ -54,8 +54,9 @@ class TaskStreamConfig:
     kind: str = "synthetic"
     # trace/olora: the root folder on disk
     data_dir: Optional[str] = None
-    # Task names in training order (trace/olora/synthetic); custom: taken from `tasks`.
-    order: list[str] = field(default_factory=list)
+    # Task names in training order (trace/olora/synthetic; custom: taken from `tasks`), or
+    # the name of one of the benchmark's orders (olora: order1..order6; trace: default, reverse).
+    order: Any = field(default_factory=list)
     max_train_per_task: Optional[int] = None
     max_test_per_task: Optional[int] = None
     test_split: str = "test"
@@ -369,7 +370,8 @@ def check_run_shape(cfg: DictConfig) -> None:
     try:
         names = planned_task_names(cfg.task_stream)
     except ValueError as err:
-        raise ConfigError(f"task_stream.tasks: {err}") from None
+        message = str(err)
+        raise ConfigError(message if message.startswith("task_stream.") else f"task_stream.tasks: {message}") from None
     if names is None:
         return
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -26,11 +26,12 @@ def schema_node(schema: type) -> DictConfig:
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from cl_runner.config import TrainerConfig
+    from cl_runner.config import TaskStreamConfig, TrainerConfig
     from cl_runner.strategies import registry
 
     store = ConfigStore.instance()
     store.store(group="schema", name="trainer", node=schema_node(TrainerConfig))
+    store.store(group="schema", name="task_stream", node=schema_node(TaskStreamConfig))
     for name, reg in registry.registrations(registry.BASE).items():
         store.store(group="schema/strategy", name=name, node=schema_node(reg.config))
     for name, reg in registry.registrations(registry.ADDON).items():

@@ -29,19 +29,21 @@ from cl_runner.streams.task import Example, Task
 
 log = logging.getLogger(__name__)
 
+# The O-LoRA paper's orders (Wang et al. 2023, Table 7): 1-3 the standard 4-task benchmark,
+# 4-6 the long 15-task one. task_stream.order picks one by name (task_stream=cl_benchmark).
 OLORA_ORDERS: dict[str, list[str]] = {
-    "cl_standard_order1": ["dbpedia", "amazon", "yahoo", "agnews"],
-    "cl_standard_order2": ["dbpedia", "amazon", "agnews", "yahoo"],
-    "cl_standard_order3": ["yahoo", "amazon", "agnews", "dbpedia"],
-    "cl_long_order4": [
+    "order1": ["dbpedia", "amazon", "yahoo", "agnews"],
+    "order2": ["dbpedia", "amazon", "agnews", "yahoo"],
+    "order3": ["yahoo", "amazon", "agnews", "dbpedia"],
+    "order4": [
         "mnli", "cb", "wic", "copa", "qqp", "boolqa", "rte", "imdb",
         "yelp", "amazon", "sst-2", "dbpedia", "agnews", "multirc", "yahoo",
     ],
-    "cl_long_order5": [
+    "order5": [
         "multirc", "boolqa", "wic", "mnli", "cb", "copa", "qqp", "rte",
         "imdb", "sst-2", "dbpedia", "agnews", "yelp", "amazon", "yahoo",
     ],
-    "cl_long_order6": [
+    "order6": [
         "yelp", "amazon", "mnli", "cb", "copa", "qqp", "rte", "imdb",
         "sst-2", "dbpedia", "agnews", "yahoo", "multirc", "boolqa", "wic",
     ],

@@ -259,15 +259,15 @@ def test_trace_replay_source_allows_empty_answers(tmp_path):
 
 
 def test_olora_orders_match_the_spec():
-    assert OLORA_ORDERS["cl_standard_order1"] == ["dbpedia", "amazon", "yahoo", "agnews"]
-    assert OLORA_ORDERS["cl_standard_order2"] == ["dbpedia", "amazon", "agnews", "yahoo"]
-    assert OLORA_ORDERS["cl_standard_order3"] == ["yahoo", "amazon", "agnews", "dbpedia"]
-    assert OLORA_ORDERS["cl_long_order4"] == "mnli cb wic copa qqp boolqa rte imdb yelp amazon sst-2 dbpedia agnews multirc yahoo".split()
-    assert OLORA_ORDERS["cl_long_order5"] == "multirc boolqa wic mnli cb copa qqp rte imdb sst-2 dbpedia agnews yelp amazon yahoo".split()
-    assert OLORA_ORDERS["cl_long_order6"] == "yelp amazon mnli cb copa qqp rte imdb sst-2 dbpedia agnews yahoo multirc boolqa wic".split()
+    assert OLORA_ORDERS["order1"] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    assert OLORA_ORDERS["order2"] == ["dbpedia", "amazon", "agnews", "yahoo"]
+    assert OLORA_ORDERS["order3"] == ["yahoo", "amazon", "agnews", "dbpedia"]
+    assert OLORA_ORDERS["order4"] == "mnli cb wic copa qqp boolqa rte imdb yelp amazon sst-2 dbpedia agnews multirc yahoo".split()
+    assert OLORA_ORDERS["order5"] == "multirc boolqa wic mnli cb copa qqp rte imdb sst-2 dbpedia agnews yelp amazon yahoo".split()
+    assert OLORA_ORDERS["order6"] == "yelp amazon mnli cb copa qqp rte imdb sst-2 dbpedia agnews yahoo multirc boolqa wic".split()
     for order in OLORA_ORDERS.values():
         assert set(order) <= set(OLORA_DATASETS)
-    assert len(set(OLORA_ORDERS["cl_long_order4"])) == 15
+    assert len(set(OLORA_ORDERS["order4"])) == 15
 
 
 def test_format_olora_prompt_nli_exact():
@@ -304,7 +304,7 @@ def test_format_olora_prompt_copa_exact():
 
 
 def test_load_olora_standard_order1():
-    tasks = load_olora(OLORA_MINI, "cl_standard_order1")
+    tasks = load_olora(OLORA_MINI, "order1")
     assert [t.name for t in tasks] == ["dbpedia", "amazon", "yahoo", "agnews"]
     for task in tasks:
         labels = json.loads((OLORA_MINI / "/".join(OLORA_DATASETS[task.name]) / "labels.json").read_text())
@@ -335,8 +335,8 @@ def test_load_olora_caps_deterministically():
 
 
 def test_load_olora_unknown_order_or_dataset():
-    with pytest.raises(ValueError, match="known orders: cl_standard_order1"):
-        load_olora(OLORA_MINI, "order1")
+    with pytest.raises(ValueError, match="known orders: order1"):
+        load_olora(OLORA_MINI, "order7")
     with pytest.raises(ValueError, match="known datasets: dbpedia, amazon") as err:
         load_olora(OLORA_MINI, ["mnli", "snli"])
     assert "'snli'" in str(err.value)
@@ -346,11 +346,11 @@ def test_load_olora_unknown_order_or_dataset():
 
 def test_load_olora_missing_data_dir_and_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="task_stream.data_dir") as err:
-        load_olora(tmp_path / "CL_Benchmark", "cl_standard_order1")
+        load_olora(tmp_path / "CL_Benchmark", "order1")
     assert str(tmp_path / "CL_Benchmark") in str(err.value) and "labels.json" in str(err.value)
     # The mini set has no yelp: the message names the folder and what is there.
     with pytest.raises(FileNotFoundError) as err:
-        load_olora(OLORA_MINI, "cl_long_order6")
+        load_olora(OLORA_MINI, "order6")
     assert "'yelp'" in str(err.value) and str(OLORA_MINI / "SC" / "yelp") in str(err.value)
     assert "agnews" in str(err.value)
 
@@ -567,3 +567,33 @@ def test_real_olora_subset():
     # The released MNLI test file holds GLUE's "-" (no gold label): an error unless dropped.
     with pytest.raises(RecordError, match=r"MNLI.test\.json: record \d+: field 'label' is '-'"):
         load_olora(REAL_OLORA, ["mnli"], max_train=5, max_test=5)
+
+
+def test_cl_benchmark_stream_picks_the_order_by_key_not_by_its_name():
+    """One stream file: task_stream.order names the benchmark order (or lists datasets);
+    the display name is only a label, so renaming the stream changes nothing else."""
+    from cl_runner.config import validate
+    from cl_runner.streams.build import build_stream, planned_task_names
+    from tests.conftest import compose
+
+    cfg = validate(compose(["task_stream=cl_benchmark", "task_stream.order=order4", "task_stream.data_dir=/data"]))
+    assert planned_task_names(cfg.task_stream) == OLORA_ORDERS["order4"]
+    assert planned_task_names(validate(compose(["task_stream=cl_benchmark", "task_stream.data_dir=/d"])).task_stream) \
+        == ["dbpedia", "amazon", "yahoo", "agnews"]  # the file's default, order1
+    cfg = validate(compose(["task_stream=cl_benchmark", "task_stream.name=renamed", "task_stream.order=[sst-2,qqp]",
+                            f"task_stream.data_dir={OLORA_MINI}"]))
+    stream = build_stream(cfg.task_stream, "classifier", 0)
+    assert stream.name == "renamed" and stream.names == ["sst-2", "qqp"]
+
+
+def test_named_order_is_refused_where_the_stream_has_none():
+    from cl_runner.config import ConfigError, validate
+    from tests.conftest import compose
+
+
+    with pytest.raises(ConfigError, match="^task_stream.order: 'order1' names a benchmark order.*only trace and olora"):
+        validate(compose(["task_stream.order=order1"]))
+    cfg = validate(compose(["task_stream=trace", "task_stream.order=reverse", "task_stream.data_dir=/d"]))
+    from cl_runner.streams.build import planned_task_names
+
+    assert planned_task_names(cfg.task_stream)[0] == "NumGLUE-cm"

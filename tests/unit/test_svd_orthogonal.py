@@ -592,7 +592,7 @@ def test_t5_sculpting_preset_composes_with_the_authors_settings():
 
     cfg = compose(["experiment=t5_sculpting", "task_stream.data_dir=/data"])
     assert cfg.experiment_name == "t5_sculpting" and cfg.model.name == "t5_large"
-    assert cfg.task_stream.name == "cl_standard_order1"  # from t5_standard
+    assert (cfg.task_stream.name, cfg.task_stream.order) == ("cl_benchmark", "order1")  # from t5_standard
     s = cfg.strategy
     assert s.name == "svd_orthogonal" and s.first_task == "full" and s.projection == "two_sided"
     # the authors' code: k = floor(max(m, n) * 0.25 t), capped, from task 2 on
