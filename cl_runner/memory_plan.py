@@ -12,8 +12,8 @@ Rows, per rank:
 - the strategy's own state (EWC's Fisher and anchor, svd_orthogonal's bases and weight
   anchors, LiNeS' reference copy, HFT's saved values), counted the way the strategy code
   allocates it, and its largest transient working set where it has one. svd_orthogonal has
-  two implementations: `ops.ProjectionGroups` (bases or complements, weight anchors) with
-  `trainer.sharding=none`, `strategies/svd_sharded.ShardedSubspaces` (row-sharded bases
+  two implementations: `ProjectionGroups` (bases or complements, weight anchors) with
+  `trainer.sharding=none`, `strategies/svd_orthogonal/sharded.ShardedSubspaces` (row-sharded bases
   only, bucketed all-gathers of the right sides, a copy of the local target rows across the
   optimizer step) with `fsdp`; the plan counts the one the run would use;
 - what the parallel set-up adds: DDP's gradient buckets (a second copy of the gradients)
@@ -306,7 +306,7 @@ def _is_matmul(module: nn.Module) -> bool:
 
 
 def model_facts(model_cfg: Any) -> ModelFacts:
-    from cl_runner.strategies.model_parts import block_stacks
+    from cl_runner.strategies.parts.model_parts import block_stacks
 
     model, source = meta_model(model_cfg)
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
@@ -336,7 +336,7 @@ def model_facts(model_cfg: Any) -> ModelFacts:
 # ----------------------------------------------------------------------------- strategies
 def svd_target_bytes(m: int, n: int, k: int, projection: str = "two_sided", basis_bytes: int = FP32,
                      param_bytes: int = FP32) -> tuple[int, int]:
-    """(bases, anchors) in bytes that `ops.ProjectionGroups` holds for one m x n target
+    """(bases, anchors) in bytes that `ProjectionGroups` holds for one m x n target
     preserving k directions on each side (U: m x k, V: n x k). A side with 2k > dim is
     stored through its complement (dim x (dim - k)); a target with a complement side keeps
     a dense anchor (m x n, weights' dtype), otherwise the factored anchors are fp32:
@@ -362,7 +362,7 @@ def svd_target_bytes(m: int, n: int, k: int, projection: str = "two_sided", basi
 def _svd_k(dim: int, fraction: float, rounding: str, size: Optional[int] = None) -> int:
     """k for a matrix of rank dimension `dim`; the fraction multiplies `size` (default dim;
     max(m, n) under rank.fraction_of=max_dim)."""
-    from cl_runner.strategies.svd_rank import _EPS, _round_half_up, clamp_rank
+    from cl_runner.strategies.svd_orthogonal.rank import _EPS, _round_half_up, clamp_rank
 
     size = dim if size is None else size
     raw = _round_half_up(fraction * size) if rounding == "half_up" else math.floor(fraction * size + _EPS)
@@ -375,9 +375,9 @@ def _fraction_size(r: Any, m: int, n: int) -> int:
 
 def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> StrategyEstimate:
     from cl_runner.strategies.base import plain_config
-    from cl_runner.strategies.svd_orthogonal import BASIS_DTYPES
-    from cl_runner.strategies.svd_rank import scheduled_fraction
-    from cl_runner.strategies.svd_targets import find_targets
+    from cl_runner.strategies.svd_orthogonal.strategy import BASIS_DTYPES
+    from cl_runner.strategies.svd_orthogonal.rank import scheduled_fraction
+    from cl_runner.strategies.svd_orthogonal.targets import find_targets
 
     targets = find_targets(facts.model, facts.family, plain_config(s.targets) or {})
     shapes = [tuple(t.param.shape) for t in targets]
@@ -403,7 +403,7 @@ def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> 
         if bases + anchors > best[0]:
             best = (bases + anchors, bases, anchors, fraction)
     total, bases, anchors, fraction = best
-    notes = [f"ops.ProjectionGroups (the unsharded implementation): {len(targets)} targets, {how}: "
+    notes = [f"ProjectionGroups (the unsharded implementation): {len(targets)} targets, {how}: "
              f"bases {gib(bases)}, weight anchors {gib(anchors)}"]
     if s.bases == "accumulate":
         kept = sum((m + n) * _svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes) * FP32
@@ -449,7 +449,7 @@ def svd_sharded_side_widths(m: int, n: int, k: int, projection: str = "two_sided
 def svd_sharded_bytes(shapes: list[tuple[int, int]], ks: list[int], world: int, projection: str = "two_sided",
                       basis_bytes: int = FP32, param_bytes: int = FP32,
                       bucket_mb: float = 256.0) -> tuple[int, int, int, int]:
-    """What `strategies/svd_sharded.ShardedSubspaces` holds on rank 0 (the largest chunks)
+    """What `strategies/svd_orthogonal/sharded.ShardedSubspaces` holds on rank 0 (the largest chunks)
     at `world` ranks: (bases, largest projection bucket, W_before, number of buckets).
 
     bases: per target, the left side's rows split like the weight and the right side's in
@@ -485,7 +485,7 @@ def svd_sharded_bytes(shapes: list[tuple[int, int]], ks: list[int], world: int, 
 
 def _estimate_svd_sharded(s: Any, shapes: list[tuple[int, int]], basis_bytes: int, param_bytes: int,
                           n_tasks: int, world: int, how: str) -> ShardedEstimate:
-    from cl_runner.strategies.svd_rank import scheduled_fraction
+    from cl_runner.strategies.svd_orthogonal.rank import scheduled_fraction
 
     r = s.rank
     base, rounding = (1.0 - r.unfreeze_ratio, "floor") if r.mode == "ratio" else (r.trr, "half_up")
@@ -502,7 +502,7 @@ def _estimate_svd_sharded(s: Any, shapes: list[tuple[int, int]], basis_bytes: in
             worst[w] = tuple(max(a, b) for a, b in zip(worst[w], got))  # type: ignore[assignment]
     (bases1, bucket1, before1, _), (bases, bucket, before, n_buckets) = worst[1], worst[world]
     sides = "basis" if s.projection == "high_block" else "basis or complement"
-    notes = [f"strategies/svd_sharded.ShardedSubspaces (the trainer.sharding=fsdp implementation): "
+    notes = [f"strategies/svd_orthogonal/sharded.ShardedSubspaces (the trainer.sharding=fsdp implementation): "
              f"{len(shapes)} targets, {how}: bases only ({sides} per side, {basis_bytes} B), in row shards of "
              f"ceil(rows / {world}), no weight anchors"]
     if s.bases == "accumulate":

@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner import ops  # noqa: E402
 from bench_output import write_bench_outputs  # noqa: E402  (same folder)
 from cl_runner.ops import reference  # noqa: E402
@@ -155,7 +156,7 @@ def bench_case(preset, layout, mode, device, dtype, rounds, backends, heavy=Fals
         for label, use_c in (("groups", "auto"), ("groups-direct", "never")):
             if label == "groups-direct" and not any_complement:
                 continue
-            g = ops.ProjectionGroups(named, mode, backend=b, use_complement=use_c,
+            g = ProjectionGroups(named, mode, backend=b, use_complement=use_c,
                                      check_orthonormal=False)
             g.set_bases({n: bases[n] for n, _ in named})
             g.attach_grads()

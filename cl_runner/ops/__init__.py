@@ -1,4 +1,6 @@
-"""cl_runner.ops: gradient projection and per-task subspaces for svd_orthogonal.
+"""cl_runner.ops: the math of svd_orthogonal, gradient projection and per-task subspaces
+(stateless functions; the strategy's stacked buffers and anchors, `ProjectionGroups`, live in
+`cl_runner/strategies/svd_orthogonal/groups.py`).
 
 Public API (stable; the svd_orthogonal strategy codes against it)
 -----------------------------------------------------------------
@@ -11,16 +13,6 @@ project_(grads, left_bases, right_bases, mode="two_sided", backend=None, *,
 project_update_(params, previous, left_bases, right_bases, mode="two_sided",
                 backend=None, *, left_complement=False, right_complement=False) -> None
     After an optimizer step: W <- W_prev + P(W - W_prev).
-ProjectionGroups(named_params, mode="two_sided", *, backend=None, use_complement="auto",
-                 basis_dtype=None, check_orthonormal=True)
-    Stacked storage per shape: gradient buffers whose slices are the parameters' .grad,
-    stacked (padded) bases, and weight anchors. Methods: set_bases({name: (U, V)}),
-    attach_grads(), detach_grads(), project_grads_(), snapshot_weights(),
-    project_weight_update_(), state_dict(), load_state_dict(state), nbytes(),
-    ranks(), layout(). `snapshot_weights` stores the preserved component (I - P)(W)
-    factored (k(m+n) numbers, k^2 for high_block) instead of a copy of W: exact, see
-    `cl_runner/ops/groups.py`. zero_grad(set_to_none=True) drops the gradient views:
-    call attach_grads() before backward, or use zero_grad(set_to_none=False).
 top_k_bases(weights, ks, method="exact"|"randomized", oversample=10, power_iters=2,
             keep_complement=False|True|"auto", *, out_dtype=None, return_stats=False,
             seed=0) -> list[(U, V)] (or (U, V, U_c, V_c)); with return_stats also a
@@ -37,13 +29,12 @@ cl_runner.ops warns once and uses "torch". CL_RUNNER_NO_EXT=1 disables it.
 """
 from cl_runner.ops._backends import (BACKENDS, available_backends, extension_status,
                                      get_default_backend, set_default_backend)
-from cl_runner.ops.groups import ProjectionGroups
 from cl_runner.ops.projection import project_, project_update_
 from cl_runner.ops.reference import MODES
 from cl_runner.ops.subspace import SubspaceStats, orthonormal_complement, top_k_bases
 
 __all__ = [
-    "BACKENDS", "MODES", "ProjectionGroups", "SubspaceStats", "available_backends",
+    "BACKENDS", "MODES", "SubspaceStats", "available_backends",
     "extension_status", "get_default_backend", "orthonormal_complement", "project_",
     "project_update_", "set_default_backend", "top_k_bases",
 ]

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from cl_runner.strategies.base import Strategy, plain_config
-from cl_runner.strategies.model_parts import block_stacks
+from cl_runner.strategies.parts.model_parts import block_stacks
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
 

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
-from cl_runner.strategies.model_parts import BlockPosition, parameter_blocks
+from cl_runner.strategies.parts.model_parts import BlockPosition, parameter_blocks
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Task
 

@@ -48,6 +48,8 @@ def _import_all() -> None:
 
     import cl_runner.strategies as pkg
 
+    # Every module or package in strategies/ is a strategy that registers itself on import,
+    # but for the protocol (base, registry, stack) and the shared helpers (parts/).
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in {"base", "registry", "stack"} and not info.name.startswith("_"):
+        if info.name not in {"base", "registry", "stack", "parts"} and not info.name.startswith("_"):
             importlib.import_module(f"cl_runner.strategies.{info.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner import ops
 from cl_runner.ops import _backends, reference
 
@@ -91,7 +92,7 @@ def test_groups_on_cuda_match_reference_and_keep_invariant(mode):
              for i, (s, _) in enumerate(shapes)]
     bases = ops.top_k_bases([p.detach() for _, p in named], [k for _, k in shapes])
     for backend in backends():
-        groups = ops.ProjectionGroups(named, mode, backend=backend)
+        groups = ProjectionGroups(named, mode, backend=backend)
         groups.set_bases({n: b for (n, _), b in zip(named, bases)})
         groups.snapshot_weights()
         start = [p.detach().clone() for _, p in named]

@@ -333,11 +333,11 @@ def _field_tree(obj) -> dict:
                      else None) for f in fields(obj)}
 
 
-def test_yaml_matches_the_dataclass():
-    node = yaml.safe_load((REPO / "configs/strategy/hft.yaml").read_text())
-    assert {k: None for k in node} == _field_tree(HFTConfig())
-    merged = OmegaConf.merge(OmegaConf.structured(HFTConfig), node)
-    assert OmegaConf.to_container(merged) == OmegaConf.to_container(OmegaConf.structured(HFTConfig))
+def test_composed_defaults_are_the_dataclass_defaults():
+    from tests.conftest import compose
+
+    composed = OmegaConf.to_container(compose(["strategy=hft"]).strategy)
+    assert composed == OmegaConf.to_container(OmegaConf.structured(HFTConfig))
 
 
 @pytest.mark.parametrize("override,key", [({"granularity": "column"}, "strategy.granularity"),

@@ -13,7 +13,7 @@ from torch import nn
 
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.lines import LayerScaling, LinesConfig, lines_coefficients
-from cl_runner.strategies.model_parts import BlockPosition, parameter_blocks
+from cl_runner.strategies.parts.model_parts import BlockPosition, parameter_blocks
 from cl_runner.streams.task import Example, Task, TaskStream
 
 
@@ -163,10 +163,9 @@ ALPHA_HALF = {"embed.weight": 0.5, "blocks.0.lin.weight": 0.5, "blocks.1.lin.wei
 
 def test_default_reference_is_previous_task():
     assert LinesConfig().reference == "previous_task" and LinesConfig().apply_to == "train_state"
-    import yaml
-    from pathlib import Path
+    from tests.conftest import compose
 
-    node = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/addons/lines.yaml").read_text())
+    node = compose(["lines.enabled=true"]).lines
     assert node["reference"] == "previous_task" and node["apply_to"] == "train_state"
 
 

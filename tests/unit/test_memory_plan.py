@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner.config import ConfigError, validate
 from cl_runner.memory_plan import (ModelFacts, activation_bytes, build_plan, format_plan, model_facts,
                                    svd_sharded_bytes, svd_target_bytes)
@@ -86,7 +87,7 @@ def test_svd_target_bytes_match_projection_groups(m, n, k, mode):
     from cl_runner import ops
 
     w = torch.randn(m, n)
-    groups = ops.ProjectionGroups([("w", w)], mode=mode, basis_dtype=torch.float32)
+    groups = ProjectionGroups([("w", w)], mode=mode, basis_dtype=torch.float32)
     (u, v), = ops.top_k_bases([w], [k], out_dtype=torch.float32)
     groups.set_bases({"w": (u, v)})
     groups.snapshot_weights()
@@ -125,7 +126,7 @@ def test_svd_orthogonal_state_matches_the_strategy(tiny_facts, unfreeze):
 
 @pytest.mark.parametrize("unfreeze, projection", [(0.25, "two_sided"), (0.75, "two_sided"), (0.25, "high_block")])
 def test_svd_sharded_state_matches_sharded_subspaces(tiny_facts, unfreeze, projection):
-    """Under trainer.sharding=fsdp the plan counts strategies/svd_sharded.ShardedSubspaces
+    """Under trainer.sharding=fsdp the plan counts strategies/svd_orthogonal/sharded.ShardedSubspaces
     (bases only, no anchors): its bytes on a real FSDP2-sharded tiny LLaMA in a one-process
     gloo group, after set_bases_from_weights with the ratio-mode ranks."""
     import torch.distributed as dist
@@ -133,9 +134,9 @@ def test_svd_sharded_state_matches_sharded_subspaces(tiny_facts, unfreeze, proje
     from cl_runner.models import build_model
     from cl_runner.sharding import shard_model
     from cl_runner.strategies.base import plain_config
-    from cl_runner.strategies.svd_rank import ratio_ranks
-    from cl_runner.strategies.svd_sharded import ShardedSubspaces
-    from cl_runner.strategies.svd_targets import find_targets
+    from cl_runner.strategies.svd_orthogonal.rank import ratio_ranks
+    from cl_runner.strategies.svd_orthogonal.sharded import ShardedSubspaces
+    from cl_runner.strategies.svd_orthogonal.targets import find_targets
 
     cfg = cfg_for("model=tiny_llama", "strategy=svd_orthogonal", "strategy.rank.mode=ratio",
                   f"strategy.rank.unfreeze_ratio={unfreeze}", f"strategy.projection={projection}",

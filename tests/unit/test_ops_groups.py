@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner import ops
 from cl_runner.ops import reference
 
@@ -25,7 +26,7 @@ def make_params(seed: int = 0):
 
 def make_groups(named, mode, backend=None, **kwargs):
     bases = ops.top_k_bases([p.detach() for _, p in named], [k for _, k in LAYOUT])
-    groups = ops.ProjectionGroups(named, mode, backend=backend, **kwargs)
+    groups = ProjectionGroups(named, mode, backend=backend, **kwargs)
     groups.set_bases({name: b for (name, _), b in zip(named, bases)})
     return groups, bases
 
@@ -144,7 +145,7 @@ def test_state_dict_round_trip_and_nbytes():
     groups, _ = make_groups(named, "high_block")
     groups.snapshot_weights()
     state = groups.state_dict()
-    other = ops.ProjectionGroups(named, "high_block")
+    other = ProjectionGroups(named, "high_block")
     other.load_state_dict(state)
     assert other.layout() == groups.layout()
     assert other.ranks() == groups.ranks()
@@ -156,12 +157,12 @@ def test_state_dict_round_trip_and_nbytes():
                 assert torch.equal(a[key], b[key])
         assert a["anchors"].keys() == b["anchors"].keys()
     with pytest.raises(ValueError, match="mode='two_sided'"):
-        ops.ProjectionGroups(named, "two_sided").load_state_dict(state)
+        ProjectionGroups(named, "two_sided").load_state_dict(state)
 
 
 def test_set_bases_errors():
     named = make_params()
-    groups = ops.ProjectionGroups(named)
+    groups = ProjectionGroups(named)
     with pytest.raises(KeyError, match="not in this ProjectionGroups"):
         groups.set_bases({"nope": (None, None)})
     with pytest.raises(ValueError, match=r"expected \(64, k\)"):

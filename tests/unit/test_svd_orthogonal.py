@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from cl_runner.batching import compute_loss
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.svd_orthogonal import SVDOrthogonal, SVDOrthogonalConfig, SVDRankConfig
-from cl_runner.strategies.svd_rank import adaptive_ranks, ratio_ranks, scheduled_fraction
-from cl_runner.strategies.svd_targets import find_targets
+from cl_runner.strategies.svd_orthogonal.rank import adaptive_ranks, ratio_ranks, scheduled_fraction
+from cl_runner.strategies.svd_orthogonal.targets import find_targets
 from cl_runner.streams.task import Example, Task, TaskStream
 
 REPO = Path(__file__).resolve().parents[2]
@@ -396,8 +396,9 @@ def _block_leak(strategy, model, ctx, t: int, k_from_report: bool = True):
 
 def test_first_task_defaults_to_full():
     assert SVDOrthogonalConfig().first_task == "full"
-    node = yaml.safe_load((REPO / "configs/strategy/svd_orthogonal.yaml").read_text())
-    assert node["first_task"] == "full"
+    from tests.conftest import compose
+
+    assert compose(["strategy=svd_orthogonal"]).strategy.first_task == "full"
 
 
 @pytest.mark.parametrize("mode", ["ratio", "adaptive"])
@@ -555,12 +556,12 @@ def _yaml_tree(node) -> dict:
             for k, v in node.items()}
 
 
-def test_yaml_matches_the_dataclass():
-    node = yaml.safe_load((REPO / "configs/strategy/svd_orthogonal.yaml").read_text())
-    assert _yaml_tree(node) == _field_tree(SVDOrthogonalConfig())
-    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(SVDOrthogonalConfig),
-                                                    node))
-    assert merged == OmegaConf.to_container(OmegaConf.structured(SVDOrthogonalConfig))
+def test_composed_defaults_are_the_dataclass_defaults():
+    """The YAML lists nothing of its own: strategy=svd_orthogonal is the schema's defaults."""
+    from tests.conftest import compose
+
+    composed = OmegaConf.to_container(compose(["strategy=svd_orthogonal"]).strategy)
+    assert composed == OmegaConf.to_container(OmegaConf.structured(SVDOrthogonalConfig))
 
 
 @pytest.mark.parametrize("override,key", [

@@ -10,11 +10,11 @@ trainable rest; the task then trains W only outside the preserved subspace:
   `high_block` G <- G - U (UᵀGV) Vᵀ (the formula written in the paper);
 - after every optimizer step, AdamW's element-wise scaling and decoupled weight decay move
   W out of that set again, so the step's update is projected back (W <- W_0 + P(W - W_0),
-  done by `ops.ProjectionGroups` from a factored anchor of the task-start weights).
+  done by `ProjectionGroups` from a factored anchor of the task-start weights).
   Over a task, Uᵀ (W_end − W_start) V = 0 (two_sided: also Uᵀ ΔW = 0 and ΔW V = 0).
 
-k per matrix comes from `svd_rank` (adaptive importance or a fixed ratio), the targets
-from `svd_targets`. `first_task: full` (default) trains the first task unconstrained, as
+k per matrix comes from `rank` (adaptive importance or a fixed ratio), the targets
+from `targets`. `first_task: full` (default) trains the first task unconstrained, as
 the authors do (our spec, ../shared/specs/strategies.md; the paper text and the authors'
 code were not re-checked here): task 0 computes no bases and projects nothing (unsharded
 and FSDP-sharded alike) and is recorded with k = 0; `constrained` preserves the pretrained
@@ -38,9 +38,10 @@ from cl_runner import ops
 from cl_runner.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.registry import register
-from cl_runner.strategies.svd_rank import (_EPS, FRACTION_OF, NORMALISATIONS, adaptive_ranks, clamp_rank,
+from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
+from cl_runner.strategies.svd_orthogonal.rank import (_EPS, FRACTION_OF, NORMALISATIONS, adaptive_ranks, clamp_rank,
                                            layer_importances, ratio_ranks, scheduled_fraction)
-from cl_runner.strategies.svd_targets import Target, find_targets
+from cl_runner.strategies.svd_orthogonal.targets import Target, find_targets
 from cl_runner.streams.task import Task
 
 RANK_MODES = ("adaptive", "ratio")
@@ -166,7 +167,7 @@ class SVDOrthogonal(Strategy):
         _in_range(c.svd_power_iters >= 0, "strategy.svd_power_iters", c.svd_power_iters, "use >= 0")
         self.carry_optimizer = bool(c.carry_optimizer)
         self.targets: list[Target] = []
-        self.groups: Optional[ops.ProjectionGroups] = None
+        self.groups: Optional[ProjectionGroups] = None
         self.sharded = None  # ShardedSubspaces under trainer.sharding=fsdp
         self._accumulated: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._frozen: list[str] = []
@@ -186,12 +187,12 @@ class SVDOrthogonal(Strategy):
         self.targets = find_targets(model, ctx.model_family, plain_config(self.config.targets) or {})
         self._k_per_target = {t.name: [] for t in self.targets}
         if any(is_sharded(t.param) for t in self.targets):
-            from cl_runner.strategies.svd_sharded import ShardedSubspaces
+            from cl_runner.strategies.svd_orthogonal.sharded import ShardedSubspaces
 
             self.sharded = ShardedSubspaces([(t.name, t.param) for t in self.targets], self.config.projection,
                                             BASIS_DTYPES[self.config.basis_dtype], self.config.sharded_bucket_mb)
             return
-        self.groups = ops.ProjectionGroups(
+        self.groups = ProjectionGroups(
             [(t.name, t.param) for t in self.targets], mode=self.config.projection,
             basis_dtype=BASIS_DTYPES[self.config.basis_dtype])
         self._k_per_target = {t.name: [] for t in self.targets}
@@ -435,7 +436,7 @@ class SVDOrthogonal(Strategy):
 
     def _basis_bytes(self) -> int:
         """Bytes of the stored bases alone (U, V or their complements, padded per bucket);
-        `extra_state_bytes` adds the weight anchors of ops.ProjectionGroups."""
+        `extra_state_bytes` adds the weight anchors of ProjectionGroups."""
         if self.sharded is not None:
             return self.sharded.nbytes()
         if self.groups is None:
