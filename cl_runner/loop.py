@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
+from cl_runner.anneal import optimizer_copy, prepared_alone
 from cl_runner.batching import Collator, compute_loss
 from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
 from cl_runner.config import ConfigError, check_epochs, check_lengths, check_task_budget, position_limit
@@ -113,12 +114,13 @@ class ContinualLoop:
             self.model = self.accelerator.prepare(self.bundle.model)
         # cl-run builds (and checks) the stack before the run folder exists and hands it in.
         self.strategy = strategy if strategy is not None else build_strategy(cfg)
-        self.strategy.setup(StrategyContext(
+        self.strategy_ctx = StrategyContext(
             accelerator=self.accelerator, model=self.model, stream=self.stream,
             model_kind=self.bundle.kind, model_family=self.bundle.family, seed=cfg.seed,
             trainer=self.trainer, loss_fn=compute_loss, collate=self.collate,
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
-            train_steps=self.train_steps))
+            anneal=self.anneal)
+        self.strategy.setup(self.strategy_ctx)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)
@@ -242,6 +244,7 @@ class ContinualLoop:
         for step in range(first_step, plan.steps):
             micro = plan.batches[step * accum:(step + 1) * accum]
             loss_value, tokens = self._optimizer_step(optimizer, micro)
+            self.scheduler.step()
             if not math.isfinite(loss_value):
                 # Nothing after this point is saved: the last checkpoint stays the run's
                 # last good state. Every rank sees the same (reduced) loss and stops.
@@ -298,7 +301,8 @@ class ContinualLoop:
                 yield
 
     def _optimizer_step(self, optimizer: Any, micro: list[list[Example]]) -> tuple[float, int]:
-        """Forward/backward over the micro-batches, then one optimizer step."""
+        """Forward/backward over the micro-batches, then one optimizer step (the caller
+        steps its lr scheduler). Training and the anneal both step through here."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         total_loss, tokens = 0.0, 0
         for i, examples in enumerate(micro):
@@ -326,27 +330,49 @@ class ContinualLoop:
         self.strategy.before_optimizer_step()
         optimizer.step()
         self.strategy.after_optimizer_step()
-        self.scheduler.step()
         optimizer.zero_grad(set_to_none=False)
         return total_loss, tokens
 
-    def train_steps(self, model: torch.nn.Module, batches: list[list[Example]], lr_at: Callable[[int], float]) -> None:
-        """Plain AdamW steps on `batches` (for strategies that train a side copy, e.g.
-        the annealing of the infinite schedule). `lr_at(step)` is the absolute lr."""
-        tr = self.trainer
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=tr.weight_decay, betas=tuple(tr.adam_betas), eps=tr.adam_eps)
-        model.train()
-        for step, examples in enumerate(batches):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            with self.accelerator.autocast():
-                loss = compute_loss(model, self.collate(examples))
-            loss.backward()
-            if tr.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def anneal(self, t: int, batches: list[list[Example]], factor_at: Callable[[int], float],
+               keep_optimizer: bool = False) -> list[float]:
+        """lr_schedule's anneal after task t: optimizer steps of grad_accum micro-batches
+        (global, as planned for training: every process takes its slice, in lock-step)
+        through `_optimizer_step`, so the strategy's penalty, projections, masks and
+        clipping act as in training; the batches go through the strategy's
+        compose_anneal_batches (replay). The optimizer is a copy of task t's, moments
+        included, at lr = trainer.lr * factor_at(step); the training optimizer is left as it
+        was unless keep_optimizer (resume_from: annealed), where the copy replaces it so a
+        carried optimizer continues from the moments that led to the kept weights. No
+        progress counter, loss curve or token count moves: the anneal is not training
+        (lr_schedule reports its cost). Returns each step's loss."""
+        if self.optimizer is None:
+            raise RuntimeError(f"the anneal after task {t + 1} needs the task's optimizer; none was built")
+        batches = list(self.strategy.compose_anneal_batches(t, iter(batches)))
+        accum = self.trainer.grad_accum
+        optimizer = optimizer_copy(self.optimizer)
+        # base lr = the group's initial_lr (trainer.lr, set by the task's scheduler).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor_at)
+        losses: list[float] = []
+        was_training = self.model.training
+        self.model.train()
+        self.strategy_ctx.annealing = True
+        try:
+            with prepared_alone(self.accelerator, optimizer) as prepared:
+                for step in range(len(batches) // accum):
+                    loss, _ = self._optimizer_step(prepared, batches[step * accum:(step + 1) * accum])
+                    if not math.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"anneal loss is {loss} at anneal step {step + 1} after task {t + 1}/{len(self.stream)} "
+                            f"'{self.stream[t].name}'; the run stops here, its checkpoints so far stay in "
+                            f"{self.run_dir / 'checkpoints'}. Lower trainer.lr or lr_schedule.const_ratio")
+                    scheduler.step()
+                    losses.append(loss)
+        finally:
+            self.strategy_ctx.annealing = False
+            self.model.train(was_training)
+        if keep_optimizer:
+            self.optimizer = optimizer
+        return losses
 
     # ------------------------------------------------------------------ evaluation
     def _row_filled(self, i: int) -> bool:

@@ -39,9 +39,14 @@ class StrategyContext:
     collate: Callable[[list[Example]], Batch]
     # log(metrics) -> sends numbers to the tracker (rank 0 only)
     log: Callable[[dict[str, Any]], None] = lambda metrics: None
-    # train_steps(model, batches, lr_at) -> runs plain optimizer steps on the given
-    # batches with a fresh optimizer (used e.g. to anneal a copy before evaluation)
-    train_steps: Optional[Callable[..., None]] = None
+    # anneal(t, batches, factor_at, keep_optimizer) -> losses: optimizer steps on the given
+    # global micro-batches through the training step path (every strategy's per-step hooks),
+    # with a copy of task t's optimizer at lr = trainer.lr * factor_at(step); no training
+    # counters move. lr_schedule's infinite anneal; see ContinualLoop.anneal.
+    anneal: Optional[Callable[..., list[float]]] = None
+    # True while `anneal` runs: per-step hooks run as in training, and a hook that gathers
+    # statistics of the training steps (EWC's trace_online Fisher) leaves the anneal out.
+    annealing: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,7 +77,9 @@ class Strategy:
         """Before task t's first step (and before its optimizer is built)."""
 
     def after_task(self, t: int, task: Task) -> None:
-        """After task t's last step, before it is evaluated."""
+        """After task t's last step, before it is evaluated. In a stack the add-ons run
+        first and the base's last, so the base's task state (masks, bases, penalty) is
+        still in force in an add-on's after_task (lr_schedule anneals there)."""
 
     # -- data -----------------------------------------------------------------------
     def train_examples(self, t: int, task: Task, examples: list[Example]) -> list[Example]:
@@ -81,6 +88,11 @@ class Strategy:
 
     def compose_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
         """Rewrite the stream of batches (replay mixes stored examples in)."""
+        return batches
+
+    def compose_anneal_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
+        """Rewrite the batches of the anneal after task t (replay mixes stored examples in,
+        as during the task; its own seed and counts, so the task's plan is not touched)."""
         return batches
 
     def num_train_steps(self, t: int, steps: int) -> int:

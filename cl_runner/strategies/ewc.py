@@ -30,7 +30,10 @@ one divided by n; theta* <- the weights at the task's end. Online mode only; gam
 normalize_fisher do not apply. S and n are part of the state, so a run resumed mid-task
 continues the same accumulation. (TRACE divides by the batches of one epoch and squares the
 last micro-batch's gradient; here n counts optimizer steps and the gradient is the step's
-accumulated one: the same at one epoch without gradient accumulation.)
+accumulated one: the same at one epoch without gradient accumulation.) The anneal steps of
+lr_schedule's infinite schedule (which TRACE does not have) stay out of S and n: the Fisher
+is the task's training steps' alone, the same whichever `resume_from`; the penalty does act
+on the anneal's steps.
 """
 from __future__ import annotations
 
@@ -165,7 +168,9 @@ class ElasticWeightConsolidation(Strategy):
         return 0.5 * self.config.ewc_lambda * total
 
     def after_backward(self) -> None:
-        if self.config.fisher != "trace_online":
+        # The anneal of lr_schedule (infinite) is not one of the task's training steps:
+        # TRACE's Fisher is the mean over those (the penalty still acts on the anneal).
+        if self.config.fisher != "trace_online" or self.ctx.annealing:
             return
         clamp = getattr(self.ctx.trainer, "max_grad_norm", None)
         with torch.no_grad():

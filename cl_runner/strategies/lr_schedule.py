@@ -8,6 +8,15 @@ then held constant across tasks, with a short annealing phase before each evalua
 
 The curves below are pure functions of the step: they return the multiplier of the
 trainer's peak rate eta_max (`trainer.lr`), which the loop hands to a LambdaLR.
+
+The infinite anneal runs in `after_task`, through the loop's `anneal` (the training step
+path): in a stack the base strategy's `after_task` comes after the add-ons', so its
+projection, masks and penalty still act on the anneal's steps, and afterwards it sees the
+weights training continues from. The anneal continues a copy of the task's optimizer
+(moments included) and replay mixes its buffer into the anneal's batches. With
+`resume_from: trained` the annealed weights are set aside until `evaluation_weights` swaps
+them in (one spare copy of the weights at a time); with `annealed` they stay, and so does
+the anneal's optimizer copy (docs/lr_schedule_anneal.md).
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import torch
 
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.registry import ADDON, register
-from cl_runner.streams.task import Example
+from cl_runner.streams.task import Example, Task
 
 SCHEDULES = ("rewarm_cosine", "constant", "infinite")
 COOLDOWNS = ("cosine", "inv_sqrt")
@@ -52,10 +61,11 @@ class LRScheduleConfig:
     inv_sqrt_timescale: float = 10.0
     # infinite: optimizer steps of the exponential anneal to eta_min before each evaluation.
     anneal_steps: int = 50
-    # infinite: after evaluating, continue from the trained weights (annealed copy thrown
-    # away) or from the annealed weights.
+    # infinite: after evaluating, continue from the trained weights (annealed copy and the
+    # anneal's optimizer copy thrown away) or from the annealed weights and that optimizer.
     resume_from: str = "trained"
-    # infinite: keep the trained weights in host memory while the annealed copy is evaluated.
+    # infinite, resume_from trained: keep the spare copy of the weights (trained during the
+    # evaluation, annealed until then) in host memory.
     backup_on_cpu: bool = False
 
 
@@ -124,6 +134,8 @@ class LRSchedule(Strategy):
         self.anneal_steps_done = 0
         self.anneal_examples = 0
         self.anneal_seconds = 0.0
+        # resume_from trained: (task, annealed weights) from after_task to its evaluation.
+        self._annealed: Optional[tuple[int, dict[str, torch.Tensor]]] = None
 
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
@@ -155,43 +167,56 @@ class LRSchedule(Strategy):
         const = cfg.const_ratio
         return lambda step: const
 
-    # -- infinite: anneal a copy before evaluation ----------------------------------------
+    # -- infinite: anneal before evaluation ------------------------------------------------
+    def _anneals(self, t: int) -> bool:
+        cfg = self.config
+        return cfg.name == "infinite" and cfg.anneal_steps > 0 and bool(self.ctx.stream[t].train)
+
+    def after_task(self, t: int, task: Task) -> None:
+        if not self._anneals(t):
+            return
+        if self.ctx.anneal is None:
+            raise RuntimeError("lr_schedule.name=infinite needs the loop's anneal to anneal before evaluation")
+        model = self.ctx.unwrapped_model
+        keep = self.config.resume_from == "annealed"
+        spare = None if keep else self._copy_weights(model)
+        self._anneal(t, keep)
+        if spare is not None:
+            # The base's after_task (next) and the next task see the trained weights; the
+            # annealed ones wait in `spare` for the evaluation.
+            _swap_weights(model, spare)
+            self._annealed = (t, spare)
+
     @contextlib.contextmanager
     def evaluation_weights(self, t: int):
-        cfg = self.config
-        if cfg.name != "infinite" or cfg.anneal_steps == 0 or not self.ctx.stream[t].train:
+        held, self._annealed = self._annealed, None
+        if held is None or held[0] != t:
             yield
             return
-        if self.ctx.train_steps is None:
-            raise RuntimeError("lr_schedule.name=infinite needs the loop's train_steps to anneal before evaluation")
-        model = self.ctx.unwrapped_model
-        keep = cfg.resume_from == "trained"
-        backup = {}
-        if keep:
-            device = "cpu" if cfg.backup_on_cpu else None
-            backup = {n: p.detach().to(device=device or p.device, copy=True) for n, p in model.named_parameters()}
-        was_training = model.training
+        model, spare = self.ctx.unwrapped_model, held[1]
+        _swap_weights(model, spare)  # the annealed weights in, the trained ones set aside
         try:
-            self._anneal(t, model)
-            model.train(was_training)
             yield
         finally:
-            if keep:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        p.copy_(backup[name])
-            model.train(was_training)
+            _swap_weights(model, spare)
+
+    def _copy_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        device = "cpu" if self.config.backup_on_cpu else None
+        return {n: p.detach().to(device=device or p.device, copy=True) for n, p in model.named_parameters()}
 
     def anneal_batches(self, t: int) -> list[list[Example]]:
-        """anneal_steps batches of trainer.batch_size examples of task t's training data,
-        reshuffled each pass with a seed fixed by (seed, t). Every process uses the same
-        batches, so the annealed copies agree across processes."""
+        """anneal_steps x grad_accum micro-batches of the global batch (trainer.batch_size
+        per process) of task t's training data, reshuffled each pass with a seed fixed by
+        (seed, t). Every process builds the same list and takes its slice of each batch, as
+        in training, so the annealed weights agree across processes."""
         examples = self.ctx.stream[t].train
-        size = int(self.ctx.trainer.batch_size)
+        trainer = self.ctx.trainer
+        size = int(trainer.batch_size) * self.ctx.accelerator.num_processes
+        count = self.config.anneal_steps * int(getattr(trainer, "grad_accum", 1))
         rng = random.Random(f"{self.ctx.seed}:lr_schedule-anneal:{t}")
         order: list[int] = []
         batches = []
-        for _ in range(self.config.anneal_steps):
+        for _ in range(count):
             batch = []
             while len(batch) < size:
                 if not order:
@@ -201,19 +226,21 @@ class LRSchedule(Strategy):
             batches.append(batch)
         return batches
 
-    def _anneal(self, t: int, model: torch.nn.Module) -> None:
+    def _anneal(self, t: int, keep_optimizer: bool) -> None:
         cfg = self.config
-        peak = float(self.ctx.trainer.lr)
         started = time.perf_counter()
         batches = self.anneal_batches(t)
 
-        def lr_at(step: int) -> float:
-            return peak * anneal_multiplier(step, cfg.anneal_steps, cfg.const_ratio, cfg.min_ratio)
+        def factor(step: int) -> float:
+            return anneal_multiplier(step, cfg.anneal_steps, cfg.const_ratio, cfg.min_ratio)
 
-        self.ctx.train_steps(model, batches, lr_at)
-        self.anneal_steps_done += len(batches)
+        losses = self.ctx.anneal(t, batches, factor, keep_optimizer=keep_optimizer)
+        seconds = time.perf_counter() - started
+        self.anneal_steps_done += len(losses)
         self.anneal_examples += sum(len(b) for b in batches)
-        self.anneal_seconds += time.perf_counter() - started
+        self.anneal_seconds += seconds
+        if losses:
+            self.ctx.log({"lr_schedule/anneal_loss": losses[-1], "lr_schedule/anneal_seconds": seconds, "task": t + 1})
 
     # -- bookkeeping ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -232,3 +259,13 @@ class LRSchedule(Strategy):
             out.update(anneal_steps=self.anneal_steps_done, anneal_examples=self.anneal_examples,
                        anneal_seconds=round(self.anneal_seconds, 3), first_task=self.first_task)
         return out
+
+
+@torch.no_grad()
+def _swap_weights(model: torch.nn.Module, spare: dict[str, torch.Tensor]) -> None:
+    """Exchange the model's parameters with `spare`, one parameter's temporary at a time."""
+    for name, p in model.named_parameters():
+        held = spare[name]
+        current = p.detach().to(device=held.device, copy=True)
+        p.copy_(held)
+        held.copy_(current)

@@ -134,6 +134,7 @@ class Replay(Strategy):
                              "use a positive count or null")
         self.buffer: dict[int, list[Example]] = {}
         self.replayed: dict[int, int] = {}  # task -> replay examples in its planned batches
+        self.anneal_replayed: dict[int, int] = {}  # task -> replay examples in its anneal's batches
         self.pass_split: dict[int, int] = {}  # separate_pass: task -> its own steps (before the pass)
         self._extra: Optional[list[Example]] = None
 
@@ -195,10 +196,21 @@ class Replay(Strategy):
         if self.config.ratio == 0:
             self.replayed[t] = 0
             return batches
-        return self._mixed(t, batches, pools, rng)
+        return self._mixed(t, batches, pools, rng, self.replayed)
+
+    def compose_anneal_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
+        """mix: the anneal after task t (lr_schedule infinite) mixes the buffer in as task t's
+        batches do, with its own seed and count. separate_pass: the anneal keeps the task's own
+        data (the replay pass was part of the task's steps)."""
+        pools = self.pools(t)
+        if self.config.mode != "mix" or self.config.ratio == 0 or not pools:
+            self.anneal_replayed[t] = 0
+            return batches
+        rng = random.Random(f"{self.ctx.seed}:replay-anneal:{t}")
+        return self._mixed(t, batches, pools, rng, self.anneal_replayed)
 
     def _mixed(self, t: int, batches: Iterator[list[Example]], pools: dict[str, list[Example]],
-               rng: random.Random) -> Iterator[list[Example]]:
+               rng: random.Random, counts: dict[int, int]) -> Iterator[list[Example]]:
         ratio = self.config.ratio
         equivalent = self.config.compute_equivalent
         # compute_equivalent: replay takes `ratio` of the B slots; otherwise k replay
@@ -219,7 +231,7 @@ class Replay(Strategy):
             rng.shuffle(mixed)  # spread replay over the processes' slices of the batch
             total += k
             yield mixed
-        self.replayed[t] = total
+        counts[t] = total
 
     def _separate_pass(self, t: int, batches: Iterator[list[Example]], pools: dict[str, list[Example]],
                        rng: random.Random) -> Iterator[list[Example]]:
@@ -249,11 +261,13 @@ class Replay(Strategy):
         return {
             "buffer": {t: [[e.prompt, e.answer, e.task] for e in examples] for t, examples in self.buffer.items()},
             "replayed": dict(self.replayed),
+            "anneal_replayed": dict(self.anneal_replayed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer = {int(t): [Example(*row) for row in rows] for t, rows in state.get("buffer", {}).items()}
         self.replayed = {int(t): int(n) for t, n in state.get("replayed", {}).items()}
+        self.anneal_replayed = {int(t): int(n) for t, n in state.get("anneal_replayed", {}).items()}
 
     def extra_state_bytes(self) -> int:
         return sum(len(e.prompt.encode()) + len(e.answer.encode()) for v in self.buffer.values() for e in v)
@@ -264,5 +278,7 @@ class Replay(Strategy):
             "ratio": self.config.ratio if self.config.mode == "mix" else None,
             "buffer_examples": {self.ctx.stream[t].name if self.ctx else str(t): len(v) for t, v in sorted(self.buffer.items())},
             "replayed_examples": {self.ctx.stream[t].name if self.ctx else str(t): n for t, n in sorted(self.replayed.items())},
+            "anneal_replayed_examples": {self.ctx.stream[t].name if self.ctx else str(t): n
+                                         for t, n in sorted(self.anneal_replayed.items())},
             "extra_examples": len(self._extra) if self._extra else 0,
         }

@@ -94,8 +94,9 @@ class StrategyStack(Strategy):
             m.before_task(t, task)
 
     def after_task(self, t: int, task: Task) -> None:
-        # Reverse order, like nested contexts: add-ons that change the weights (LiNeS)
-        # finish first, so the base strategy (EWC's anchor, SVD) sees the final weights.
+        # Reverse order, like nested contexts: add-ons that change the weights (LiNeS, the
+        # lr_schedule anneal) finish first, so the base strategy (EWC's anchor, SVD) sees
+        # the final weights, and its task state (masks, bases, penalty) still holds for them.
         for m in reversed(self.members):
             m.after_task(t, task)
 
@@ -107,6 +108,11 @@ class StrategyStack(Strategy):
     def compose_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
         for m in self.members:
             batches = m.compose_batches(t, batches)
+        return batches
+
+    def compose_anneal_batches(self, t: int, batches: Iterator[list[Example]]) -> Iterator[list[Example]]:
+        for m in self.members:
+            batches = m.compose_anneal_batches(t, batches)
         return batches
 
     def num_train_steps(self, t: int, steps: int) -> int:

@@ -1,5 +1,6 @@
 """LR re-warming add-on: the curves at given steps, per-task resets, the infinite
-schedule's constant phase and its anneal on a copy before evaluation."""
+schedule's constant phase and its anneal before evaluation (the anneal's steps themselves,
+through the loop: tests/unit/test_anneal.py)."""
 from __future__ import annotations
 
 import math
@@ -23,12 +24,12 @@ def make_task(name: str, n: int = 10) -> Task:
     return Task(name, train, train[:2])
 
 
-def make_ctx(model: nn.Module | None = None, train_steps=None, tasks: int = 3) -> StrategyContext:
+def make_ctx(model: nn.Module | None = None, anneal=None, tasks: int = 3) -> StrategyContext:
     return StrategyContext(
         accelerator=Accelerator(cpu=True), model=model or nn.Linear(1, 1), stream=TaskStream("s", [make_task(c) for c in "abc"[:tasks]]),
         model_kind="classifier", model_family="test", seed=0,
         trainer=SimpleNamespace(lr=1e-2, batch_size=4, max_grad_norm=None),
-        loss_fn=lambda m, b: torch.zeros(()), collate=lambda ex: {}, train_steps=train_steps)
+        loss_fn=lambda m, b: torch.zeros(()), collate=lambda ex: {}, anneal=anneal)
 
 
 def make(**options) -> LRSchedule:
@@ -119,16 +120,19 @@ def test_anneal_multiplier_decays_exponentially_to_min():
 
 
 class Recorder:
-    """Stands in for the loop's train_steps: records the batches and lrs, moves weights."""
+    """Stands in for the loop's anneal: records the batches, lr factors and whether the
+    optimizer copy is kept; moves the weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
         self.calls = []
 
-    def __call__(self, model, batches, lr_at):
-        self.calls.append(([len(b) for b in batches], [lr_at(k) for k in range(len(batches))]))
+    def __call__(self, t, batches, factor_at, keep_optimizer=False):
+        self.calls.append(([len(b) for b in batches], [factor_at(k) for k in range(len(batches))], keep_optimizer))
         with torch.no_grad():
-            for p in model.parameters():
+            for p in self.model.parameters():
                 p.add_(1.0)
+        return [0.0] * len(batches)
 
 
 @pytest.mark.parametrize("resume_from", ["trained", "annealed"])
@@ -136,15 +140,19 @@ def test_infinite_anneals_a_copy_before_evaluation(resume_from):
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(2.0)
-    recorder = Recorder()
+    recorder = Recorder(model)
     s = make(name="infinite", anneal_steps=3, const_ratio=0.5, min_ratio=0.1, resume_from=resume_from)
     s.setup(make_ctx(model, recorder))
+    s.after_task(0, s.ctx.stream[0])  # the anneal; the base's after_task sees these weights
+    assert float(model.weight.detach()) == (2.0 if resume_from == "trained" else 3.0)
     with s.evaluation_weights(0):
         assert float(model.weight.detach()) == 3.0  # evaluated: the annealed weights
     assert float(model.weight.detach()) == (2.0 if resume_from == "trained" else 3.0)
-    sizes, lrs = recorder.calls[0]
-    assert sizes == [4, 4, 4]  # trainer.batch_size examples per anneal step
-    assert lrs == pytest.approx([1e-2 * anneal_multiplier(k, 3, 0.5, 0.1) for k in range(3)])
+    sizes, factors, keep = recorder.calls[0]
+    assert sizes == [4, 4, 4]  # the global batch (trainer.batch_size x 1 process) per anneal step
+    assert factors == pytest.approx([anneal_multiplier(k, 3, 0.5, 0.1) for k in range(3)])
+    assert keep == (resume_from == "annealed")  # the anneal's optimizer copy goes on with its weights
+    s.after_task(1, s.ctx.stream[1])
     with s.evaluation_weights(1):
         pass
     assert s.report()["anneal_steps"] == 6 and s.report()["anneal_examples"] == 24
@@ -160,10 +168,22 @@ def test_anneal_batches_are_seeded():
     assert {e.task for b in s.anneal_batches(1) for e in b} == {"b"}
 
 
+def test_anneal_steps_take_grad_accum_micro_batches_of_the_global_batch():
+    recorder = Recorder(nn.Linear(1, 1))
+    s = make(name="infinite", anneal_steps=2)
+    ctx = make_ctx(recorder.model, recorder)
+    ctx.trainer.grad_accum = 3
+    s.setup(ctx)
+    s.after_task(0, ctx.stream[0])
+    sizes, _, _ = recorder.calls[0]
+    assert sizes == [4] * 6  # 2 optimizer steps x 3 micro-batches, as a training step takes
+
+
 def test_rewarm_does_not_anneal():
     recorder = Recorder()
     s = make(name="rewarm_cosine")
-    s.setup(make_ctx(train_steps=recorder))
+    s.setup(make_ctx(anneal=recorder))
+    s.after_task(0, s.ctx.stream[0])
     with s.evaluation_weights(0):
         pass
     assert recorder.calls == [] and "anneal_steps" not in s.report()
