@@ -44,8 +44,8 @@ SCHEDULE_ADDON = "lr_schedule_addon"
 @dataclass
 class LRScheduleConfig:
     enabled: bool = False
-    # rewarm_cosine | constant | infinite
-    name: str = "rewarm_cosine"
+    # The LR curve: rewarm_cosine | constant | infinite
+    curve: str = "rewarm_cosine"
     # Linear warmup over this fraction of a task's steps (rewarm_cosine: every task;
     # infinite: the first task only).
     warmup_frac: float = 0.01
@@ -114,7 +114,7 @@ def anneal_multiplier(step: int, anneal_steps: int, const_ratio: float, min_rati
 class LRSchedule(Strategy):
     def __init__(self, config: LRScheduleConfig) -> None:
         super().__init__(config)
-        for key, allowed in (("name", SCHEDULES), ("cooldown", COOLDOWNS), ("resume_from", RESUME_FROM)):
+        for key, allowed in (("curve", SCHEDULES), ("cooldown", COOLDOWNS), ("resume_from", RESUME_FROM)):
             value = getattr(config, key)
             if value not in allowed:
                 raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; choose one of: {', '.join(allowed)}")
@@ -150,9 +150,9 @@ class LRSchedule(Strategy):
     # -- the per-task curve ------------------------------------------------------------
     def lr_lambda(self, t: int, num_steps: int) -> Optional[Callable[[int], float]]:
         cfg = self.config
-        if cfg.name == "constant":
+        if cfg.curve == "constant":
             return lambda step: 1.0
-        if cfg.name == "rewarm_cosine":
+        if cfg.curve == "rewarm_cosine":
             def factor(step: int) -> float:
                 return rewarm_cosine(step, num_steps, cfg.warmup_frac, cfg.min_ratio)
             return factor
@@ -170,13 +170,13 @@ class LRSchedule(Strategy):
     # -- infinite: anneal before evaluation ------------------------------------------------
     def _anneals(self, t: int) -> bool:
         cfg = self.config
-        return cfg.name == "infinite" and cfg.anneal_steps > 0 and bool(self.ctx.stream[t].train)
+        return cfg.curve == "infinite" and cfg.anneal_steps > 0 and bool(self.ctx.stream[t].train)
 
     def after_task(self, t: int, task: Task) -> None:
         if not self._anneals(t):
             return
         if self.ctx.anneal is None:
-            raise RuntimeError("lr_schedule.name=infinite needs the loop's anneal to anneal before evaluation")
+            raise RuntimeError("lr_schedule.curve=infinite needs the loop's anneal to anneal before evaluation")
         model = self.ctx.unwrapped_model
         keep = self.config.resume_from == "annealed"
         spare = None if keep else self._copy_weights(model)
@@ -254,8 +254,8 @@ class LRSchedule(Strategy):
         self.anneal_seconds = float(state.get("anneal_seconds", 0.0))
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.config.name}
-        if self.config.name == "infinite":
+        out: dict[str, Any] = {"curve": self.config.curve}
+        if self.config.curve == "infinite":
             out.update(anneal_steps=self.anneal_steps_done, anneal_examples=self.anneal_examples,
                        anneal_seconds=round(self.anneal_seconds, 3), first_task=self.first_task)
         return out

@@ -25,7 +25,7 @@ CASES = {
     "seq_ft+lines": ["lines.enabled=true"],
     "multitask": ["strategy=multitask"],
     "replay+infinite": ["replay.enabled=true", "replay.ratio=0.25", "lr_schedule.enabled=true",
-                        "lr_schedule.name=infinite", "lr_schedule.anneal_steps=2"],
+                        "lr_schedule.curve=infinite", "lr_schedule.anneal_steps=2"],
     "ewc": ["strategy=ewc", "strategy.ewc_lambda=100"],
     "hft": ["strategy=hft"],
     "classp_quantile": ["strategy=classp", "strategy.threshold_mode=quantile", "strategy.update_fraction=0.2",

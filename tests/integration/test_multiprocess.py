@@ -29,7 +29,7 @@ CASES = {
     "hft": ["strategy=hft"],
     "svd_frozen+replay": ["strategy=svd_orthogonal", "strategy.freeze_untargeted=true", "replay.enabled=true"],
     # The anneal takes the global batch in lock-step like training; annealed weights are kept.
-    "hft+infinite_annealed": ["strategy=hft", "lr_schedule.enabled=true", "lr_schedule.name=infinite",
+    "hft+infinite_annealed": ["strategy=hft", "lr_schedule.enabled=true", "lr_schedule.curve=infinite",
                               "lr_schedule.anneal_steps=2", "lr_schedule.resume_from=annealed"],
 }
 

@@ -20,8 +20,8 @@ STRATEGIES = {
     "classp": ["strategy=classp"],
     "rewarm_replay": ["strategy=rewarm_replay"],
     "svd+replay+lines": ["strategy=svd_orthogonal", "replay.enabled=true", "replay.ratio=0.25", "lines.enabled=true"],
-    "ewc+rewarm_cosine": ["strategy=ewc", "lr_schedule.enabled=true", "lr_schedule.name=rewarm_cosine"],
-    "infinite_schedule": ["lr_schedule.enabled=true", "lr_schedule.name=infinite", "lr_schedule.anneal_steps=4"],
+    "ewc+rewarm_cosine": ["strategy=ewc", "lr_schedule.enabled=true", "lr_schedule.curve=rewarm_cosine"],
+    "infinite_schedule": ["lr_schedule.enabled=true", "lr_schedule.curve=infinite", "lr_schedule.anneal_steps=4"],
     "lines_eval_only": ["lines.enabled=true", "lines.apply_to=eval_only"],
 }
 

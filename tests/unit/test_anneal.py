@@ -18,7 +18,7 @@ TRAIN_STEPS = 3
 BASE = ["logger=none", "trainer.progress_bar=false", "model=tiny_gpt2", "task_stream.train_size=24",
         "task_stream.test_size=4", "task_stream.order=[increment,decrement]", f"trainer.steps_per_task={TRAIN_STEPS}",
         "trainer.batch_size=4", "trainer.weight_decay=0.1", "trainer.lr=0.01",
-        "lr_schedule.enabled=true", "lr_schedule.name=infinite", f"lr_schedule.anneal_steps={ANNEAL_STEPS}",
+        "lr_schedule.enabled=true", "lr_schedule.curve=infinite", f"lr_schedule.anneal_steps={ANNEAL_STEPS}",
         "lr_schedule.min_ratio=0.5", "lr_schedule.const_ratio=1.0"]
 
 

@@ -56,7 +56,7 @@ def test_rewarm_cosine_without_warmup_starts_at_peak():
 
 
 def test_rewarm_cosine_restarts_every_task():
-    s = make(name="rewarm_cosine", warmup_frac=0.1, min_ratio=0.1)
+    s = make(curve="rewarm_cosine", warmup_frac=0.1, min_ratio=0.1)
     s.setup(make_ctx())
     first, second = s.lr_lambda(0, 100), s.lr_lambda(1, 50)
     assert first(0) == pytest.approx(0.1) and second(0) == pytest.approx(0.2)  # 1/10 and 1/5: warmed up again
@@ -64,7 +64,7 @@ def test_rewarm_cosine_restarts_every_task():
 
 
 def test_constant():
-    s = make(name="constant")
+    s = make(curve="constant")
     s.setup(make_ctx())
     assert {s.lr_lambda(t, 10)(k) for t in range(3) for k in range(10)} == {1.0}
 
@@ -92,7 +92,7 @@ def test_infinite_first_task_inv_sqrt_cooldown():
 
 
 def test_infinite_is_constant_after_the_first_task():
-    s = make(name="infinite", warmup_frac=0.1, cooldown_frac=0.5, const_ratio=0.4)
+    s = make(curve="infinite", warmup_frac=0.1, cooldown_frac=0.5, const_ratio=0.4)
     s.setup(make_ctx())
     first = s.lr_lambda(0, 100)
     assert first(0) == pytest.approx(0.1) and first(99) == pytest.approx(0.4)
@@ -102,10 +102,10 @@ def test_infinite_is_constant_after_the_first_task():
 
 
 def test_infinite_first_task_survives_resume():
-    s = make(name="infinite", warmup_frac=0.1)
+    s = make(curve="infinite", warmup_frac=0.1)
     s.setup(make_ctx())
     s.lr_lambda(0, 100)
-    resumed = make(name="infinite", warmup_frac=0.1)
+    resumed = make(curve="infinite", warmup_frac=0.1)
     resumed.setup(make_ctx())
     resumed.load_state_dict(s.state_dict())
     assert resumed.lr_lambda(0, 100)(0) == pytest.approx(0.1)  # still the first task's warmup
@@ -141,7 +141,7 @@ def test_infinite_anneals_a_copy_before_evaluation(resume_from):
     with torch.no_grad():
         model.weight.fill_(2.0)
     recorder = Recorder(model)
-    s = make(name="infinite", anneal_steps=3, const_ratio=0.5, min_ratio=0.1, resume_from=resume_from)
+    s = make(curve="infinite", anneal_steps=3, const_ratio=0.5, min_ratio=0.1, resume_from=resume_from)
     s.setup(make_ctx(model, recorder))
     s.after_task(0, s.ctx.stream[0])  # the anneal; the base's after_task sees these weights
     assert float(model.weight.detach()) == (2.0 if resume_from == "trained" else 3.0)
@@ -160,9 +160,9 @@ def test_infinite_anneals_a_copy_before_evaluation(resume_from):
 
 
 def test_anneal_batches_are_seeded():
-    s = make(name="infinite", anneal_steps=5)
+    s = make(curve="infinite", anneal_steps=5)
     s.setup(make_ctx())
-    again = make(name="infinite", anneal_steps=5)
+    again = make(curve="infinite", anneal_steps=5)
     again.setup(make_ctx())
     assert s.anneal_batches(1) == again.anneal_batches(1)
     assert {e.task for b in s.anneal_batches(1) for e in b} == {"b"}
@@ -170,7 +170,7 @@ def test_anneal_batches_are_seeded():
 
 def test_anneal_steps_take_grad_accum_micro_batches_of_the_global_batch():
     recorder = Recorder(nn.Linear(1, 1))
-    s = make(name="infinite", anneal_steps=2)
+    s = make(curve="infinite", anneal_steps=2)
     ctx = make_ctx(recorder.model, recorder)
     ctx.trainer.grad_accum = 3
     s.setup(ctx)
@@ -181,7 +181,7 @@ def test_anneal_steps_take_grad_accum_micro_batches_of_the_global_batch():
 
 def test_rewarm_does_not_anneal():
     recorder = Recorder()
-    s = make(name="rewarm_cosine")
+    s = make(curve="rewarm_cosine")
     s.setup(make_ctx(anneal=recorder))
     s.after_task(0, s.ctx.stream[0])
     with s.evaluation_weights(0):
@@ -191,7 +191,7 @@ def test_rewarm_does_not_anneal():
 
 # ---------------------------------------------------------------- validation
 @pytest.mark.parametrize("key,value,match", [
-    ("name", "step", r"lr_schedule\.name.*'step'.*rewarm_cosine, constant, infinite"),
+    ("curve", "step", r"lr_schedule\.curve.*'step'.*rewarm_cosine, constant, infinite"),
     ("cooldown", "linear", r"lr_schedule\.cooldown.*cosine, inv_sqrt"),
     ("resume_from", "best", r"lr_schedule\.resume_from.*trained, annealed"),
     ("warmup_frac", 1.5, r"lr_schedule\.warmup_frac.*\[0\.0, 1\.0\]"),

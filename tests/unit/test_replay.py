@@ -174,7 +174,7 @@ def test_extra_data_needs_a_generative_model():
 def test_rewarm_replay_preset_turns_both_addons_on():
     cfg = compose(["strategy=rewarm_replay"])
     assert cfg.strategy.name == "seq_ft" and cfg.strategy.carry_optimizer is False
-    assert cfg.lr_schedule.enabled and cfg.lr_schedule.name == "rewarm_cosine"
+    assert cfg.lr_schedule.enabled and cfg.lr_schedule.curve == "rewarm_cosine"
     assert cfg.replay.enabled and cfg.replay.ratio == 0.05
     assert compose(["strategy=rewarm_replay", "replay.ratio=0.25"]).replay.ratio == 0.25
 
