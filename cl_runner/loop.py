@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoi
 from cl_runner.config import ConfigError, check_epochs, check_lengths, check_task_budget, position_limit
 from cl_runner.evaluation.predict import generation_budget, predict
 from cl_runner.label_space import LabelSpace
+from cl_runner.sampling import EndlessShuffle
 from cl_runner.models import build_model
 from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
 from cl_runner.streams.build import build_stream
@@ -60,13 +60,8 @@ def epochs_for(trainer: Any, t: int) -> float:
 
 def shuffled_stream(examples: list[Example], seed: int, t: int) -> Iterator[Example]:
     """Endless epochs of `examples`, each reshuffled with a seed fixed by (seed, t, epoch)."""
-    epoch = 0
-    while True:
-        order = list(range(len(examples)))
-        random.Random(f"{seed}:{t}:{epoch}").shuffle(order)
-        for i in order:
-            yield examples[i]
-        epoch += 1
+    for i in EndlessShuffle(len(examples), seed_of_pass=lambda epoch: f"{seed}:{t}:{epoch}"):
+        yield examples[i]
 
 
 def check_scorers(stream: TaskStream) -> None:

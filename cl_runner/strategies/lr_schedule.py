@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from cl_runner.sampling import EndlessShuffle
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Example, Task
@@ -213,18 +214,8 @@ class LRSchedule(Strategy):
         trainer = self.ctx.trainer
         size = int(trainer.batch_size) * self.ctx.accelerator.num_processes
         count = self.config.anneal_steps * int(getattr(trainer, "grad_accum", 1))
-        rng = random.Random(f"{self.ctx.seed}:lr_schedule-anneal:{t}")
-        order: list[int] = []
-        batches = []
-        for _ in range(count):
-            batch = []
-            while len(batch) < size:
-                if not order:
-                    order = list(range(len(examples)))
-                    rng.shuffle(order)
-                batch.append(examples[order.pop()])
-            batches.append(batch)
-        return batches
+        draw = EndlessShuffle(len(examples), rng=random.Random(f"{self.ctx.seed}:lr_schedule-anneal:{t}"))
+        return [[examples[draw.next()] for _ in range(size)] for _ in range(count)]
 
     def _anneal(self, t: int, keep_optimizer: bool) -> None:
         cfg = self.config

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from cl_runner.sampling import EndlessShuffle
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Example, Task
@@ -75,22 +76,16 @@ class BalancedSampler:
 
     def __init__(self, pools: dict[str, list[Example]], rng: random.Random) -> None:
         self.pools = {k: v for k, v in pools.items() if v}
-        self.rng = rng
-        self.round: list[str] = []
-        self.orders: dict[str, list[int]] = {k: [] for k in self.pools}
+        self.keys = sorted(self.pools)
+        # one generator for the rounds and every pool, so the draws follow from one seed
+        self.rounds = EndlessShuffle(len(self.keys), rng=rng) if self.keys else None
+        self.orders = {k: EndlessShuffle(len(v), rng=rng) for k, v in self.pools.items()}
 
     def draw(self, k: int) -> list[Example]:
         out = []
         for _ in range(k):
-            if not self.round:
-                self.round = sorted(self.pools)
-                self.rng.shuffle(self.round)
-            key = self.round.pop()
-            order = self.orders[key]
-            if not order:
-                order.extend(range(len(self.pools[key])))
-                self.rng.shuffle(order)
-            out.append(self.pools[key][order.pop()])
+            key = self.keys[self.rounds.next()]
+            out.append(self.pools[key][self.orders[key].next()])
         return out
 
 
