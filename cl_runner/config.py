@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from cl_runner.checks import require, require_choice
 from cl_runner.strategies import registry
 
 
@@ -219,14 +220,12 @@ def _merge(schema: type, node: Any, key: str) -> DictConfig:
 
 
 def _check(ok: bool, key: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"bad value for '{key}': {value!r}; {fix}")
+    require(ok, key, value, fix, error=ConfigError)
 
 
 def _check_ranges(cfg: DictConfig) -> None:
     for dotted, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, dotted)
-        _check(value in allowed, dotted, value, f"choose one of: {', '.join(allowed)}")
+        require_choice(OmegaConf.select(cfg, dotted), dotted, allowed, error=ConfigError)
     tr = cfg.trainer
     _check(tr.batch_size >= 1, "trainer.batch_size", tr.batch_size, "use a positive integer")
     _check(tr.grad_accum >= 1, "trainer.grad_accum", tr.grad_accum, "use a positive integer")

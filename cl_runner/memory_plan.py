@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from cl_runner.config import ConfigError
+from cl_runner.checks import require, require_choice
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -199,25 +200,23 @@ def plan_world_size(cfg: Any) -> int:
             value = int(env)
         except ValueError:
             raise ConfigError(f"WORLD_SIZE={env!r} is not a number; unset it or set plan_world_size") from None
-    if int(value) < 1:
-        raise ConfigError(f"bad value for 'plan_world_size': {value!r}; use a positive number of processes, "
-                          "or null for $WORLD_SIZE (else 1)")
+    require(int(value) >= 1, "plan_world_size", value, "use a positive number of processes, or null for "
+            "$WORLD_SIZE (else 1)", error=ConfigError)
     return int(value)
 
 
 def plan_gpu_memory_gb(cfg: Any) -> Optional[float]:
     value = cfg.get("plan_gpu_memory_gb")
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"bad value for 'plan_gpu_memory_gb': {value!r}; use the memory of one GPU in GiB "
-                          "(e.g. 80), or null for no verdict")
+    require(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value > 0),
+            "plan_gpu_memory_gb", value, "use the memory of one GPU in GiB (e.g. 80), or null for no verdict",
+            error=ConfigError)
     return None if value is None else float(value)
 
 
 def plan_sharding(cfg: Any) -> str:
     # trainer.sharding arrives with FSDP support; configs without it mean one full copy per rank.
     value = str(cfg.trainer.get("sharding", "none") or "none")
-    if value not in SHARDINGS:
-        raise ConfigError(f"bad value for 'trainer.sharding': {value!r}; choose one of: {', '.join(SHARDINGS)}")
+    require_choice(value, "trainer.sharding", SHARDINGS, error=ConfigError)
     return value
 
 

@@ -45,6 +45,7 @@ from cl_runner.sharding import is_sharded, local
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.lr_schedule import OWNS_UPDATE_RULE, SCHEDULE_ADDON
 from cl_runner.strategies.registry import register
+from cl_runner.checks import require, require_choice
 
 THRESHOLD_MODES = ("absolute", "quantile")
 
@@ -187,16 +188,12 @@ class ClaSP(Strategy):
 
     def __init__(self, config: ClaSPConfig) -> None:
         super().__init__(config)
-        if config.threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"bad value for 'strategy.threshold_mode': {config.threshold_mode!r}; "
-                             f"choose one of: {', '.join(THRESHOLD_MODES)}")
+        require_choice(config.threshold_mode, "strategy.threshold_mode", THRESHOLD_MODES)
         for key in ("alpha", "eps", "power"):
-            if getattr(config, key) <= 0:
-                raise ValueError(f"bad value for 'strategy.{key}': {getattr(config, key)!r}; use a value > 0")
-        if config.threshold < 0:
-            raise ValueError(f"bad value for 'strategy.threshold': {config.threshold!r}; use a value >= 0")
-        if not 0.0 < config.update_fraction <= 1.0:
-            raise ValueError(f"bad value for 'strategy.update_fraction': {config.update_fraction!r}; use a fraction in (0, 1]")
+            require(getattr(config, key) > 0, f"strategy.{key}", getattr(config, key), "use a value > 0")
+        require(config.threshold >= 0, "strategy.threshold", config.threshold, "use a value >= 0")
+        require(0.0 < config.update_fraction <= 1.0, "strategy.update_fraction", config.update_fraction,
+                "use a fraction in (0, 1]")
         if config.reference_code_compat and config.threshold_mode != "absolute":
             raise ValueError("strategy.reference_code_compat=true reproduces the released code, whose threshold is "
                              "absolute; set strategy.threshold_mode=absolute or reference_code_compat=false")

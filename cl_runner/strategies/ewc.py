@@ -50,6 +50,7 @@ from cl_runner.sharding import global_numel, global_sum, is_sharded, local
 from cl_runner.strategies.base import Batch, Strategy, StrategyContext, tensor_bytes
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
+from cl_runner.checks import require, require_choice
 
 IGNORE = -100
 MODES = ("online", "separate")
@@ -120,23 +121,17 @@ class ElasticWeightConsolidation(Strategy):
     def __init__(self, config: EWCConfig) -> None:
         super().__init__(config)
         for key, allowed in (("mode", MODES), ("fisher", FISHERS), ("granularity", GRANULARITIES)):
-            value = getattr(config, key)
-            if value not in allowed:
-                raise ValueError(f"bad value for 'strategy.{key}': {value!r}; choose one of: {', '.join(allowed)}")
-        if config.ewc_lambda < 0:
-            raise ValueError(f"bad value for 'strategy.ewc_lambda': {config.ewc_lambda!r}; use a value >= 0 "
-                             "(sweep e.g. 1, 10, 100, 400, 1000, 1e4)")
-        if not 0.0 <= config.gamma <= 1.0:
-            raise ValueError(f"bad value for 'strategy.gamma': {config.gamma!r}; use a decay in [0, 1]")
+            require_choice(getattr(config, key), f"strategy.{key}", allowed)
+        require(config.ewc_lambda >= 0, "strategy.ewc_lambda", config.ewc_lambda,
+                "use a value >= 0 (sweep e.g. 1, 10, 100, 400, 1000, 1e4)")
+        require(0.0 <= config.gamma <= 1.0, "strategy.gamma", config.gamma, "use a decay in [0, 1]")
         for key in ("fisher_samples", "fisher_batch_size"):
-            if getattr(config, key) < 1:
-                raise ValueError(f"bad value for 'strategy.{key}': {getattr(config, key)!r}; use a positive integer")
+            require(getattr(config, key) >= 1, f"strategy.{key}", getattr(config, key), "use a positive integer")
         if config.fisher == "trace_online":
             for key, ok, why in (("mode", config.mode == "online", "online"), ("gamma", config.gamma == 1.0, "1.0"),
                                  ("normalize_fisher", not config.normalize_fisher, "false")):
-                if not ok:
-                    raise ValueError(f"bad value for 'strategy.{key}': {getattr(config, key)!r}; with "
-                                     f"strategy.fisher=trace_online use {why} (TRACE's merge has no such option)")
+                require(ok, f"strategy.{key}", getattr(config, key),
+                        f"with strategy.fisher=trace_online use {why} (TRACE's merge has no such option)")
         self.carry_optimizer = bool(config.carry_optimizer)
         # trace_online: running sum of squared step gradients of the current task, and its steps.
         self.grad_sq_sum: dict[str, torch.Tensor] = {}

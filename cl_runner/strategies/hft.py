@@ -52,6 +52,7 @@ from cl_runner.strategies.base import Strategy, plain_config
 from cl_runner.strategies.parts.model_parts import block_stacks
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
+from cl_runner.checks import require, require_choice
 
 GRANULARITIES = ("module", "row", "element")
 _STATE_VERSION = 1
@@ -209,12 +210,8 @@ def choose_frozen_modules(units: dict, ratio: float, rng: random.Random) -> list
 class HalfFineTuning(Strategy):
     def __init__(self, config: HFTConfig) -> None:
         super().__init__(config)
-        if config.granularity not in GRANULARITIES:
-            raise ValueError(f"bad value for 'strategy.granularity': {config.granularity!r}; "
-                             f"use one of {', '.join(GRANULARITIES)}")
-        if not 0.0 <= config.ratio <= 1.0:
-            raise ValueError(f"bad value for 'strategy.ratio': {config.ratio!r}; use a "
-                             "fraction in [0, 1] (0.5 freezes half)")
+        require_choice(config.granularity, "strategy.granularity", GRANULARITIES)
+        require(0.0 <= config.ratio <= 1.0, "strategy.ratio", config.ratio, "use a fraction in [0, 1] (0.5 freezes half)")
         self.carry_optimizer = bool(config.carry_optimizer)
         self.freezes_parameters = True
         self.units: dict = {}

@@ -43,6 +43,7 @@ from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
 from cl_runner.strategies.parts.model_parts import BlockPosition, parameter_blocks
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Task
+from cl_runner.checks import require_choice
 
 HEAD_SCALES = ("alpha", "alpha_plus_beta")
 REFERENCES = ("pretrained", "previous_task")
@@ -73,8 +74,7 @@ def lines_coefficients(positions: Mapping[str, Optional[BlockPosition]], alpha: 
                        head_scale: str = "alpha") -> dict[str, float]:
     """LiNeS scale per parameter name: alpha + beta * l / (L - 1) inside block l of a stack
     of depth L; alpha (or alpha + beta) outside the blocks."""
-    if head_scale not in HEAD_SCALES:
-        raise ValueError(f"bad value for 'lines.head_scale': {head_scale!r}; choose one of: {', '.join(HEAD_SCALES)}")
+    require_choice(head_scale, "lines.head_scale", HEAD_SCALES)
     outside = alpha if head_scale == "alpha" else alpha + beta
     coefficients = {}
     for name, pos in positions.items():
@@ -101,9 +101,7 @@ class LayerScaling(Strategy):
     def __init__(self, config: LinesConfig) -> None:
         super().__init__(config)
         for key, allowed in (("head_scale", HEAD_SCALES), ("reference", REFERENCES), ("apply_to", APPLY_TO)):
-            value = getattr(config, key)
-            if value not in allowed:
-                raise ValueError(f"bad value for 'lines.{key}': {value!r}; choose one of: {', '.join(allowed)}")
+            require_choice(getattr(config, key), f"lines.{key}", allowed)
         self.alpha = float(config.alpha)
         self.beta = 1.0 - self.alpha if config.beta is None else float(config.beta)
         self.reference: dict[str, torch.Tensor] = {}

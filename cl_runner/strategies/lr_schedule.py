@@ -33,6 +33,7 @@ from cl_runner.sampling import EndlessShuffle
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Example, Task
+from cl_runner.checks import require, require_choice
 
 SCHEDULES = ("rewarm_cosine", "constant", "infinite")
 COOLDOWNS = ("cosine", "inv_sqrt")
@@ -116,21 +117,17 @@ class LRSchedule(Strategy):
     def __init__(self, config: LRScheduleConfig) -> None:
         super().__init__(config)
         for key, allowed in (("curve", SCHEDULES), ("cooldown", COOLDOWNS), ("resume_from", RESUME_FROM)):
+            require_choice(getattr(config, key), f"lr_schedule.{key}", allowed)
+        for key in ("warmup_frac", "cooldown_frac"):
             value = getattr(config, key)
-            if value not in allowed:
-                raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; choose one of: {', '.join(allowed)}")
-        for key, low, high in (("warmup_frac", 0.0, 1.0), ("cooldown_frac", 0.0, 1.0)):
-            value = getattr(config, key)
-            if not low <= value <= high:
-                raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; use a value in [{low}, {high}]")
+            require(0.0 <= value <= 1.0, f"lr_schedule.{key}", value, "use a value in [0.0, 1.0]")
         for key in ("min_ratio", "const_ratio"):
             value = getattr(config, key)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"bad value for 'lr_schedule.{key}': {value!r}; use a ratio in (0, 1] of trainer.lr")
-        if config.anneal_steps < 0:
-            raise ValueError(f"bad value for 'lr_schedule.anneal_steps': {config.anneal_steps!r}; use 0 (no anneal) or more steps")
-        if config.inv_sqrt_timescale <= 0:
-            raise ValueError(f"bad value for 'lr_schedule.inv_sqrt_timescale': {config.inv_sqrt_timescale!r}; use a value > 0")
+            require(0.0 < value <= 1.0, f"lr_schedule.{key}", value, "use a ratio in (0, 1] of trainer.lr")
+        require(config.anneal_steps >= 0, "lr_schedule.anneal_steps", config.anneal_steps,
+                "use 0 (no anneal) or more steps")
+        require(config.inv_sqrt_timescale > 0, "lr_schedule.inv_sqrt_timescale", config.inv_sqrt_timescale,
+                "use a value > 0")
         self.first_task: Optional[int] = None  # infinite: the task that warms up and cools down
         self.anneal_steps_done = 0
         self.anneal_examples = 0

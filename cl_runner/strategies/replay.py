@@ -29,6 +29,7 @@ from cl_runner.sampling import EndlessShuffle
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Example, Task
+from cl_runner.checks import require, require_choice
 
 MODES = ("mix", "separate_pass")
 SELECTIONS = ("random", "first")
@@ -109,24 +110,19 @@ class Replay(Strategy):
     def __init__(self, config: ReplayConfig) -> None:
         super().__init__(config)
         for key, allowed in (("mode", MODES), ("selection", SELECTIONS)):
-            value = getattr(config, key)
-            if value not in allowed:
-                raise ValueError(f"bad value for 'replay.{key}': {value!r}; choose one of: {', '.join(allowed)}")
-        if not 0.0 <= config.ratio < 1.0:
-            raise ValueError(f"bad value for 'replay.ratio': {config.ratio!r}; use a share in [0, 1) "
-                             "(0.05 weak shift, 0.25 strong shift)")
+            require_choice(getattr(config, key), f"replay.{key}", allowed)
+        require(0.0 <= config.ratio < 1.0, "replay.ratio", config.ratio,
+                "use a share in [0, 1) (0.05 weak shift, 0.25 strong shift)")
         if config.per_task is not None and config.share is not None:
             raise ValueError(f"replay.per_task={config.per_task} and replay.share={config.share} are both set; "
                              "set one of them and the other to null")
-        if config.per_task is not None and config.per_task < 1:
-            raise ValueError(f"bad value for 'replay.per_task': {config.per_task!r}; use a positive count or null")
-        if config.share is not None and not 0.0 < config.share <= 1.0:
-            raise ValueError(f"bad value for 'replay.share': {config.share!r}; use a share in (0, 1] or null")
-        if config.pass_epochs <= 0:
-            raise ValueError(f"bad value for 'replay.pass_epochs': {config.pass_epochs!r}; use a value > 0")
-        if config.extra_max_examples is not None and config.extra_max_examples < 1:
-            raise ValueError(f"bad value for 'replay.extra_max_examples': {config.extra_max_examples!r}; "
-                             "use a positive count or null")
+        require(config.per_task is None or config.per_task >= 1, "replay.per_task", config.per_task,
+                "use a positive count or null")
+        require(config.share is None or 0.0 < config.share <= 1.0, "replay.share", config.share,
+                "use a share in (0, 1] or null")
+        require(config.pass_epochs > 0, "replay.pass_epochs", config.pass_epochs, "use a value > 0")
+        require(config.extra_max_examples is None or config.extra_max_examples >= 1, "replay.extra_max_examples",
+                config.extra_max_examples, "use a positive count or null")
         self.buffer: dict[int, list[Example]] = {}
         self.replayed: dict[int, int] = {}  # task -> replay examples in its planned batches
         self.anneal_replayed: dict[int, int] = {}  # task -> replay examples in its anneal's batches

@@ -43,6 +43,7 @@ from cl_runner.strategies.svd_orthogonal.rank import (_EPS, FRACTION_OF, NORMALI
                                            layer_importances, ratio_ranks, scheduled_fraction)
 from cl_runner.strategies.svd_orthogonal.targets import Target, find_targets
 from cl_runner.streams.task import Task
+from cl_runner.checks import require, require_choice
 
 RANK_MODES = ("adaptive", "ratio")
 FIRST_TASK = ("full", "constrained")
@@ -123,17 +124,6 @@ class SVDOrthogonalConfig:
     sharded_bucket_mb: float = 256.0
 
 
-def _choice(value: str, key: str, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"bad value for '{key}': {value!r}; use one of {', '.join(allowed)}")
-    return value
-
-
-def _in_range(ok: bool, key: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"bad value for '{key}': {value!r}; {fix}")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,26 +135,26 @@ class SVDOrthogonal(Strategy):
         super().__init__(config)
         c, r = config, config.rank
         self.freezes_parameters = bool(c.freeze_untargeted)
-        _choice(r.mode, "strategy.rank.mode", RANK_MODES)
-        _choice(r.normalise, "strategy.rank.normalise", NORMALISATIONS)
-        _choice(r.fraction_of, "strategy.rank.fraction_of", FRACTION_OF)
-        _choice(c.first_task, "strategy.first_task", FIRST_TASK)
-        _choice(c.projection, "strategy.projection", ops.MODES)
-        _choice(c.bases, "strategy.bases", BASES_MODES)
-        _choice(c.basis_dtype, "strategy.basis_dtype", tuple(BASIS_DTYPES))
-        _choice(c.svd_method, "strategy.svd_method", SVD_METHODS)
+        require_choice(r.mode, "strategy.rank.mode", RANK_MODES)
+        require_choice(r.normalise, "strategy.rank.normalise", NORMALISATIONS)
+        require_choice(r.fraction_of, "strategy.rank.fraction_of", FRACTION_OF)
+        require_choice(c.first_task, "strategy.first_task", FIRST_TASK)
+        require_choice(c.projection, "strategy.projection", ops.MODES)
+        require_choice(c.bases, "strategy.bases", BASES_MODES)
+        require_choice(c.basis_dtype, "strategy.basis_dtype", tuple(BASIS_DTYPES))
+        require_choice(c.svd_method, "strategy.svd_method", SVD_METHODS)
         for key in ("mrr", "trr", "unfreeze_ratio", "schedule_cap"):
             v = getattr(r, key)
-            _in_range(0.0 <= v <= 1.0, f"strategy.rank.{key}", v, "use a fraction in [0, 1]")
-        _in_range(r.mrr <= r.trr, "strategy.rank.mrr", r.mrr, f"use mrr <= trr ({r.trr})")
-        _in_range(r.importance_examples >= 1, "strategy.rank.importance_examples",
+            require(0.0 <= v <= 1.0, f"strategy.rank.{key}", v, "use a fraction in [0, 1]")
+        require(r.mrr <= r.trr, "strategy.rank.mrr", r.mrr, f"use mrr <= trr ({r.trr})")
+        require(r.importance_examples >= 1, "strategy.rank.importance_examples",
                   r.importance_examples, "use at least 1 example")
-        _in_range(r.schedule_step >= 0, "strategy.rank.schedule_step", r.schedule_step,
+        require(r.schedule_step >= 0, "strategy.rank.schedule_step", r.schedule_step,
                   "use a step >= 0 (0 turns the schedule off)")
-        _in_range(0.0 < c.rank_budget <= 1.0, "strategy.rank_budget", c.rank_budget,
+        require(0.0 < c.rank_budget <= 1.0, "strategy.rank_budget", c.rank_budget,
                   "use a fraction in (0, 1]")
-        _in_range(c.svd_oversample >= 0, "strategy.svd_oversample", c.svd_oversample, "use >= 0")
-        _in_range(c.svd_power_iters >= 0, "strategy.svd_power_iters", c.svd_power_iters, "use >= 0")
+        require(c.svd_oversample >= 0, "strategy.svd_oversample", c.svd_oversample, "use >= 0")
+        require(c.svd_power_iters >= 0, "strategy.svd_power_iters", c.svd_power_iters, "use >= 0")
         self.carry_optimizer = bool(c.carry_optimizer)
         self.targets: list[Target] = []
         self.groups: Optional[ProjectionGroups] = None
