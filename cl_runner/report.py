@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from cl_runner.formatting import format_bytes, format_duration, format_metric  # noqa: F401 (re-exported)
+
 METRICS_FILE = "metrics.json"
 # Without these a row means nothing; a file that lacks one is reported and skipped.
 REQUIRED_KEYS = ("strategy", "task_stream", "model", "ACC")
@@ -309,32 +311,7 @@ def group_label(group: tuple, short: bool = False) -> str:
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def format_duration(seconds: Optional[float]) -> str:
-    """42.0s, 12m05s, 3h07m."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def format_bytes(num_bytes: Optional[float]) -> str:
-    """Binary units: 512.0 MiB, 1.50 GiB."""
-    if num_bytes is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= size:
-            return f"{num_bytes / size:.2f} {unit}" if unit == "GiB" else f"{num_bytes / size:.1f} {unit}"
-    return f"{int(num_bytes)} B"
+    return format_metric(value, signed)
 
 
 HEADERS = ("run", "model", "stream", "strategy", "ACC", "gap", "BWT", "FWT", "F", "LA", "time", "memory")
