@@ -3,7 +3,7 @@ decimals (BWT, FWT and differences signed), intervals as `0.600 ± 0.248`, durat
 byte sizes in human units."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 # Metrics read with a sign: a transfer (or a difference) is good or bad by its sign.
 SIGNED_METRICS = frozenset({"BWT", "FWT"})
@@ -56,3 +56,22 @@ def format_bytes(num_bytes: Optional[float]) -> str:
         if num_bytes >= size:
             return f"{num_bytes / size:.2f} {unit}" if unit == "GiB" else f"{num_bytes / size:.1f} {unit}"
     return f"{int(num_bytes)} B"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+    """Aligned plain-text table: the first `text_columns` columns left, the rest right."""
+    widths = [max(len(headers[c]), *(len(row[c]) for row in rows)) for c in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if c < text_columns else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+    align = ["---"] * text_columns + ["---:"] * (len(headers) - text_columns)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
