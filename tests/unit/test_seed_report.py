@@ -285,3 +285,18 @@ def test_baseline_by_sweep_label_and_ambiguity(tmp_path):
         paired_differences(groups, "ewc")
     (diff,) = paired_differences(groups, "ewc (ewc_lambda=1.0)")
     assert diff.group.label == "ewc (ewc_lambda=10.0)" and diff.intervals["ACC"].mean == pytest.approx(0.09)
+
+
+def test_item_scores_side_files_stand_in_for_predictions(tmp_path):
+    """With evaluation.save_predictions=false cl-run writes item_scores/*.json (the
+    scores alone); the bootstrap reads them like the predictions' scores."""
+    from cl_runner.tracking import write_item_scores
+
+    R, items = _with_items()
+    _write(tmp_path / "run", "seq_ft", 0, R)
+    for (i, j), scores in items.items():
+        write_item_scores(tmp_path / "run" / "item_scores" / f"task_{j + 1}_after_{i}.json", list(scores))
+    loaded, reason = load_item_scores(tmp_path / "run", R)
+    assert reason == "" and np.array_equal(loaded[3][2], items[(3, 2)])
+    (group,) = group_by_seed([load_run(tmp_path / "run" / "metrics.json")])
+    assert summarize_group(group, samples=100).intervals["ACC"].method == "bootstrap"
