@@ -437,6 +437,9 @@ class SeedSummary:
     differences: Optional[list] = None
     baseline: Optional[str] = None
     level: float = 0.95
+    samples: int = 2000  # bootstrap resamples and their seed
+    seed: int = 0
+    cache: dict = field(default_factory=dict)  # per-item scores and bootstrap copies, per run
 
 
 def render(groups: dict[tuple, list[RunResult]], fmt: str, seeds: Optional[SeedSummary] = None) -> str:
@@ -470,8 +473,8 @@ def summarize_seeds(groups: dict[tuple, list[RunResult]], baseline: Optional[str
     paired differences from `baseline`; BaselineError when it names no run or no seed pairs."""
     from cl_runner.seed_groups import group_by_seed, paired_differences, summarize_group
 
-    cache: dict = {}
-    summary = SeedSummary({}, baseline=baseline, level=level)
+    summary = SeedSummary({}, baseline=baseline, level=level, samples=samples, seed=seed)
+    cache = summary.cache
     for key, runs in groups.items():
         found = [summarize_group(g, level, samples, seed, cache) for g in group_by_seed(runs)]
         acc = [g.intervals["ACC"].mean for g in found]
@@ -499,7 +502,7 @@ def write_seed_outputs(summary: SeedSummary, out: Path) -> list[Path]:
         several_models = len({g.first.model for g in found}) > 1
         bands = {}
         for g in found:
-            data = curve_bands(g, summary.level)
+            data = curve_bands(g, summary.level, summary.samples, summary.seed, summary.cache)
             if data is not None and data["R"][0].shape[1] == len(key[1]):
                 bands[f"{g.label} [{g.first.model}]" if several_models else g.label] = data
         if bands:

@@ -25,7 +25,7 @@ import numpy as np
 
 from cl_runner.evaluation import metrics as M
 from cl_runner.item_scores import load_item_scores
-from cl_runner.stats import (BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, LEVEL, Interval, bootstrap_interval,
+from cl_runner.stats import (BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, LEVEL, Interval, bootstrap_interval, item_counts,
                              resampled_matrices, t_interval, t_quantile)
 
 # Config keys that never make two runs different experiments.
@@ -110,9 +110,17 @@ def group_by_seed(runs: Sequence) -> list[SeedGroup]:
 
 
 def _items(run, cache: dict):
-    key = id(run)
+    key = ("items", id(run))
     if key not in cache:
         cache[key] = (None, "no R matrix in metrics.json") if run.R is None else load_item_scores(run.path.parent, run.R)
+    return cache[key]
+
+
+def _copies(run, items, samples: int, seed: int, cache: dict) -> np.ndarray:
+    """The run's bootstrap copies of R, drawn once per (samples, seed)."""
+    key = ("copies", id(run), samples, seed)
+    if key not in cache:
+        cache[key] = resampled_matrices([items], samples, seed)[0]
     return cache[key]
 
 
@@ -132,7 +140,8 @@ def summarize_group(group: SeedGroup, level: float = LEVEL, samples: int = BOOTS
         elif items is None:
             group.intervals[name] = Interval(values[0], n=1, reason=reason)
         else:
-            group.intervals[name] = bootstrap_interval([items], fn, level, samples, seed)
+            copies = [_copies(group.first, items, samples, seed, cache)]
+            group.intervals[name] = bootstrap_interval([items], fn, level, samples, seed, copies)
     if group.n == 1:
         reasons = {iv.reason for iv in group.intervals.values() if iv.method == "none" and iv.mean is not None}
         group.notes += [f"one seed, no interval: {r}" for r in sorted(reasons)]
@@ -222,10 +231,12 @@ def _difference_intervals(diff: Difference, level: float, samples: int, seed: in
             x, y = fn(r), fn(b)
             return None if x is None or y is None else x - y
 
-        try:
-            diff.intervals[name] = bootstrap_interval([items, base_items], minus, level, samples, seed)
-        except ValueError as err:  # different test sets: no paired resampling
-            diff.intervals[name] = Interval(values[0], n=1, reason=str(err))
+        if item_counts(items) != item_counts(base_items):  # different test sets: no paired resampling
+            diff.intervals[name] = Interval(values[0], n=1, reason=(
+                f"the runs' test sets differ in size ({item_counts(items)} vs {item_counts(base_items)} items per task)"))
+            continue
+        copies = [_copies(run, items, samples, seed, cache), _copies(base_run, base_items, samples, seed, cache)]
+        diff.intervals[name] = bootstrap_interval([items, base_items], minus, level, samples, seed, copies)
     reasons = {iv.reason for iv in diff.intervals.values() if iv.method == "none" and iv.mean is not None}
     if reasons:
         diff.note = "; ".join(f"one pair, no interval: {r}" for r in sorted(reasons))
@@ -261,7 +272,7 @@ def curve_bands(group: SeedGroup, level: float = LEVEL, samples: int = BOOTSTRAP
     if items is None:
         return {"R": (mean_r, np.full_like(mean_r, np.nan), np.full_like(mean_r, np.nan)),
                 "ACC": (mean_acc, np.full_like(mean_acc, np.nan), np.full_like(mean_acc, np.nan)), "n": 1}
-    copies = resampled_matrices([items], samples, seed)[0]  # (B, T+1, T)
+    copies = _copies(group.runs[0], items, samples, seed, cache)  # (B, T+1, T)
     lo_q, hi_q = (1.0 - level) / 2.0, (1.0 + level) / 2.0
     acc_copies = np.stack([copies[:, k + 1, : k + 1].mean(axis=1) for k in range(T)], axis=1)  # (B, T)
     with np.errstate(all="ignore"):

@@ -157,7 +157,9 @@ def resampled_matrices(runs: Sequence[ItemScores], samples: int = BOOTSTRAP_SAMP
     items are resampled with replacement and each cell is the mean score of the
     resampled items (NaN where the run has no scores). The indices of task j are drawn
     once per replicate and used for every row and every run, so rows of one run and runs
-    on the same test set stay paired. Deterministic for a given seed."""
+    on the same test set stay paired. Deterministic for a given seed, and a run's copies
+    do not depend on which other runs are given (the draws depend on the item counts
+    only), so copies drawn for each run alone pair up as well."""
     counts = item_counts(runs[0])
     for other in runs[1:]:
         if item_counts(other) != counts:
@@ -177,16 +179,23 @@ def resampled_matrices(runs: Sequence[ItemScores], samples: int = BOOTSTRAP_SAMP
     return out
 
 
+def full_matrix(items: ItemScores) -> np.ndarray:
+    """R rebuilt from the per-item scores: each cell the mean of its items (NaN: none)."""
+    return np.array([[np.nan if c is None else float(np.mean(c)) for c in row] for row in items])
+
+
 def bootstrap_interval(runs: Sequence[ItemScores], statistic: Callable[..., Optional[float]],
-                       level: float = LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> Interval:
+                       level: float = LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                       copies: Optional[Sequence[np.ndarray]] = None) -> Interval:
     """Percentile bootstrap over test items of `statistic(R_run1, R_run2, ...)` (one R
     per run given; a difference of two runs takes two). The point estimate is the
-    statistic of the runs' full-sample R."""
-    full = [np.array([[np.nan if c is None else float(np.mean(c)) for c in row] for row in items]) for items in runs]
-    point = statistic(*full)
+    statistic of the runs' full-sample R. `copies`: the runs' `resampled_matrices`, when
+    already drawn (the same seed gives every run of a test set the same indices)."""
+    point = statistic(*(full_matrix(items) for items in runs))
     if point is None:
         return Interval(None, n=1, reason="metric not defined")
-    copies = resampled_matrices(runs, samples, seed)
+    copies = resampled_matrices(runs, samples, seed) if copies is None else copies
+    samples = len(copies[0])
     values = np.array([np.nan if (v := statistic(*(c[b] for c in copies))) is None else v for b in range(samples)])
     values = values[~np.isnan(values)]
     if values.size < samples:

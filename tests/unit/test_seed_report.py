@@ -256,6 +256,10 @@ def test_one_pair_bootstraps_the_difference_over_shared_items(tmp_path):
     assert acc.low <= acc.mean <= acc.high
     (again,) = paired_differences(groups, "seq_ft", samples=300, seed=3)
     assert again.intervals == diff.intervals
+    # the same as resampling both runs together with one set of indices per replicate
+    tables = [[[it[(i, j)] for j in range(3)] for i in range(4)] for it in (items_b, items_a)]
+    together = bootstrap_interval(tables, lambda b, a: average_accuracy(b) - average_accuracy(a), samples=300, seed=3)
+    assert together.low == pytest.approx(acc.low) and together.high == pytest.approx(acc.high)
 
 
 def test_baseline_errors(tmp_path, capsys):
