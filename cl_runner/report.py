@@ -1,6 +1,6 @@
 """`cl-report`: compare finished runs side by side.
 
-    cl-report PATH [PATH ...] [--out DIR] [--sort ACC] [--format table|csv|markdown]
+    cl-report PATH [PATH ...] [--out DIR] [--sort ACC] [--format table|csv|markdown] [--baseline LABEL]
 
 Every `metrics.json` under the given paths (a run folder holds `config.yaml` and
 `metrics.json`) becomes one row: run, model, stream, strategy, ACC, gap, BWT, FWT, F,
@@ -14,6 +14,13 @@ each group a note names what differs in the runs' recorded environments (version
 devices, threads). A run folder without metrics.json (a run stopped or still running)
 is named as left out. `comparison.csv` (raw numbers) and `comparison.png` (ACC curves
 and final metrics) are written to --out, by default the first PATH.
+
+Under each group's run table, runs that differ only in seed (seed_groups.py says which)
+are summarised as one row: mean ± 95% CI of ACC, BWT, FWT, F and LA (t over the seeds;
+one seed: a bootstrap over test items) and the number of seeds; `--baseline LABEL` adds
+the paired difference of every other seed group from it. These go to
+`comparison_seeds.csv` (mean/low/high columns) and `forgetting_curves.png` (mean curves
+with bands). docs/reporting.md has the rules.
 """
 from __future__ import annotations
 
