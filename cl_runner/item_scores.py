@@ -65,8 +65,7 @@ def load_item_scores(run_folder: Path, R: Sequence[Sequence[Optional[float]]]):
             if not path.is_file():
                 path = item_scores_path(run_folder, j + 1, i)
             if not path.is_file():
-                return None, (f"no per-item scores ({PREDICTIONS}/{predictions_path(run_folder, j + 1, i).name} "
-                              f"and {ITEM_SCORES}/{path.name} missing)")
+                return None, f"no per-item scores (no {PREDICTIONS}/ or {ITEM_SCORES}/ files for every cell of R)"
             try:
                 scores = _read_scores(path)
             except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError

@@ -45,10 +45,12 @@ def render_seed_sections(groups: Sequence[SeedGroup], differences: Optional[Sequ
     pct = f"{level * 100:g}%"
     title = (f"seed groups: mean ± {pct} CI (t over the n seeds; n = 1: [bootstrap over test items], "
              "or the value alone without per-item scores)")
-    notes = []
+    holders: dict[str, list[str]] = {}  # note -> the groups it is about (one line for all of them)
     for group in groups:
         env = environment_note(group.runs) if group.n > 1 else ""
-        notes += [f"{group.label} ({group.first.model}): {n}" for n in ([env] if env else []) + group.notes]
+        for note in ([env] if env else []) + group.notes:
+            holders.setdefault(note, []).append(f"{group.label} ({group.first.model})")
+    notes = [f"{', '.join(names)}: {note}" for note, names in holders.items()]
     sections = [[_heading(title, fmt), _table(GROUP_HEADERS, [group_row(g) for g in groups], fmt)]]
     if notes:
         sections[0].append(_join_notes(notes, fmt))
