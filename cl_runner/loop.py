@@ -32,7 +32,7 @@ from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
 from cl_runner.streams.build import build_stream
 from cl_runner.streams.records import RecordError
 from cl_runner.streams.task import Example, Task, TaskStream
-from cl_runner.tracking import Tracker, write_predictions
+from cl_runner.tracking import Tracker, write_item_scores, write_predictions
 
 
 class TrainingDivergedError(RuntimeError):
@@ -403,6 +403,8 @@ class ContinualLoop:
                 write_predictions(self.run_dir / "predictions" / f"task_{j + 1}_after_{tasks_learned}.jsonl", [
                     {"task": task.name, "prompt": e.prompt, "answer": e.answer, "prediction": p, "score": s}
                     for e, p, s in zip(task.test, predictions, per_item)])
+            elif self.is_main:  # no predictions: the per-item scores alone, for cl-report's bootstrap
+                write_item_scores(self.run_dir / "item_scores" / f"task_{j + 1}_after_{tasks_learned}.json", per_item)
         self.progress.R[tasks_learned] = row
         elapsed = time.perf_counter() - started
         if tasks_learned > 0:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from cl_runner.checkpoint import Progress
+from cl_runner.formatting import format_named_metric
 from cl_runner.tracking import Tracker, write_accuracy_csv, write_json
 
 
@@ -31,11 +32,11 @@ def format_summary(R: list[list[Any]], task_names: list[str], metrics: dict[str,
         cells = "".join(("-" if v is None else f"{v:.3f}").rjust(width + 2) for v in row)
         lines.append(label[:18].ljust(18) + cells)
 
-    def fmt(v: Any) -> str:
-        return "-" if v is None else f"{v:+.4f}" if isinstance(v, float) else str(v)
+    def fmt(k: str, v: Any) -> str:
+        return format_named_metric(k, v) if v is None or isinstance(v, (int, float)) else str(v)
 
     lines.append("")
-    lines.append("  ".join(f"{k} {fmt(metrics.get(k))}" for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "AIA")))
+    lines.append("  ".join(f"{k} {fmt(k, metrics.get(k))}" for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "AIA")))
     cost = format_cost(metrics)
     if cost:
         lines.append(cost)
@@ -45,7 +46,7 @@ def format_summary(R: list[list[Any]], task_names: list[str], metrics: dict[str,
 def format_cost(metrics: dict[str, Any]) -> str:
     """What the run cost, on one line: time (train / eval), throughput, peak memory and the
     strategy's own state, e.g. `cost: 28.4s (train 26.4s, eval 0.2s)  1.2 GiB peak  ...`."""
-    from cl_runner.report import format_bytes, format_duration
+    from cl_runner.formatting import format_bytes, format_duration
 
     parts = []
     if metrics.get("wall_time_s") is not None:

@@ -152,3 +152,54 @@ def plot_run_comparison(runs: Mapping[str, Mapping], path) -> Path:
                bbox_to_anchor=(0.5, -0.02 - 0.045 * math.ceil(len(names) / 4)))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_seed_curves(groups: Mapping[str, Mapping], task_names: Sequence[str], path, level: float = 0.95) -> Path:
+    """Forgetting curves of groups of runs (one group = the seeds of one experiment) with
+    their intervals: the first panel is ACC_k against tasks learned, then one panel per
+    task with its score R[i, j] against i. Each group is a mean line with a shaded band
+    (its interval; none where a group has no interval). `groups` maps a label to
+    {"R": (mean, low, high) arrays (T+1, T), "ACC": (mean, low, high) arrays (T,), "n": seeds}."""
+    if not groups:
+        raise ValueError("plot_seed_curves needs at least one group (a dict label -> bands)")
+    T = len(task_names)
+    names = [str(n) for n in task_names]
+    cols = min(4, T + 1)
+    rows = math.ceil((T + 1) / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.9 * rows + 0.6))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    colors = _colors(len(groups))
+    steps = np.arange(T + 1)
+
+    def draw(ax, x, band, color, label):
+        mean, low, high = (np.asarray(a, dtype=float) for a in band)
+        ax.plot(x, mean, marker="o", markersize=3, color=color, label=label)
+        if np.isfinite(low).any():
+            ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+
+    for (label, data), color in zip(groups.items(), colors):
+        shown = f"{label} (n={data.get('n', '?')})"
+        draw(axes[0], steps[1:], data["ACC"], color, shown)
+        for j in range(T):
+            draw(axes[j + 1], steps, tuple(np.asarray(a)[:, j] for a in data["R"]), color, shown)
+    axes[0].set_title("ACC_k (mean over seen tasks)", fontsize=9)
+    for j, name in enumerate(names):
+        axes[j + 1].set_title(f"{name} (learned at {j + 1})", fontsize=9)
+        axes[j + 1].axvline(j + 1, color="grey", linewidth=0.8, linestyle=":")
+    for k, ax in enumerate(axes):
+        if k > T:
+            ax.set_visible(False)
+            continue
+        ax.set_xticks(steps)
+        ax.set_xlim(-0.2, T + 0.2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[(rows - 1) * cols:]:
+        ax.set_xlabel("tasks learned", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(f"Forgetting curves: mean over seeds with the {level * 100:g}% interval", fontsize=10)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.04 - 0.04 * math.ceil(len(labels) / 3)))
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,6 +1,6 @@
 """`cl-report`: compare finished runs side by side.
 
-    cl-report PATH [PATH ...] [--out DIR] [--sort ACC] [--format table|csv|markdown]
+    cl-report PATH [PATH ...] [--out DIR] [--sort ACC] [--format table|csv|markdown] [--baseline LABEL]
 
 Every `metrics.json` under the given paths (a run folder holds `config.yaml` and
 `metrics.json`) becomes one row: run, model, stream, strategy, ACC, gap, BWT, FWT, F,
@@ -14,6 +14,13 @@ each group a note names what differs in the runs' recorded environments (version
 devices, threads). A run folder without metrics.json (a run stopped or still running)
 is named as left out. `comparison.csv` (raw numbers) and `comparison.png` (ACC curves
 and final metrics) are written to --out, by default the first PATH.
+
+Under each group's run table, runs that differ only in seed (seed_groups.py says which)
+are summarised as one row: mean ± 95% CI of ACC, BWT, FWT, F and LA (t over the seeds;
+one seed: a bootstrap over test items) and the number of seeds; `--baseline LABEL` adds
+the paired difference of every other seed group from it. These go to
+`comparison_seeds.csv` (mean/low/high columns) and `forgetting_curves.png` (mean curves
+with bands). docs/reporting.md has the rules.
 """
 from __future__ import annotations
 
@@ -26,6 +33,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from cl_runner.formatting import (format_bytes, format_duration, format_metric,  # noqa: F401 (re-exported)
+                                  markdown_table, text_table)
+from cl_runner.seed_groups import is_incidental
 
 METRICS_FILE = "metrics.json"
 # Without these a row means nothing; a file that lacks one is reported and skipped.
@@ -56,6 +67,8 @@ class RunResult:
     settings: str = ""  # what sets it apart from runs of the same strategy (a sweep's values)
     tasks: Optional[tuple] = None  # the ordered task names (metrics.json, else R.csv)
     environment: dict = field(default_factory=dict)  # metrics.json's, else environment.json
+    R: Optional[list] = None  # the accuracy matrix (metrics.json)
+    seed: Optional[int] = None  # metrics.json's seed, else config.yaml's
 
     @property
     def group(self) -> tuple:
@@ -149,7 +162,7 @@ def describe_differences(runs: Sequence[RunResult]) -> None:
         if len(family) < 2 or not all(r.config for r in family):
             continue
         keys = sorted({k for r in family for k in r.config})
-        differing = [k for k in keys if not k.startswith(_NOT_SETTINGS)
+        differing = [k for k in keys if not k.startswith(_NOT_SETTINGS) and not is_incidental(k)
                      and len({r.config.get(k) for r in family}) > 1]
         for run in family:
             run.settings = ", ".join(f"{k.removeprefix('strategy.')}={run.config.get(k, '-')}" for k in differing)
@@ -189,6 +202,8 @@ def load_run(path: Path) -> RunResult:
         tasks = tasks_from_accuracy_csv(path.parent)
     steps = data.get("ACC_per_step") or []
     environment = data.get("environment")
+    config = load_run_config(path.parent)
+    R = data.get("R")
     return RunResult(
         path=path,
         run_id=str(data.get("run_id") or path.parent.name),
@@ -205,10 +220,19 @@ def load_run(path: Path) -> RunResult:
         wall_time_s=_number(data.get("wall_time_s"), "wall_time_s", path),
         peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
         strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
-        config=load_run_config(path.parent),
+        config=config,
+        R=R if isinstance(R, list) else None,
+        seed=_seed(data.get("seed", config.get("seed"))),
         tasks=tuple(str(t) for t in tasks) if isinstance(tasks, list) else None,
         environment=environment if isinstance(environment, dict) else load_environment(path.parent),
     )
+
+
+def _seed(value) -> Optional[int]:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_run_folder(folder: Path) -> bool:
@@ -309,32 +333,7 @@ def group_label(group: tuple, short: bool = False) -> str:
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def format_duration(seconds: Optional[float]) -> str:
-    """42.0s, 12m05s, 3h07m."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def format_bytes(num_bytes: Optional[float]) -> str:
-    """Binary units: 512.0 MiB, 1.50 GiB."""
-    if num_bytes is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= size:
-            return f"{num_bytes / size:.2f} {unit}" if unit == "GiB" else f"{num_bytes / size:.1f} {unit}"
-    return f"{int(num_bytes)} B"
+    return format_metric(value, signed)
 
 
 HEADERS = ("run", "model", "stream", "strategy", "ACC", "gap", "BWT", "FWT", "F", "LA", "time", "memory")
@@ -352,21 +351,11 @@ def table_row(run: RunResult) -> list[str]:
 
 def render_table(rows: Sequence[Sequence[str]]) -> str:
     """Aligned plain-text table: text columns left, numbers right."""
-    widths = [max(len(HEADERS[c]), *(len(row[c]) for row in rows)) for c in range(len(HEADERS))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if c < _TEXT_COLUMNS else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+    return text_table(HEADERS, rows, _TEXT_COLUMNS)
 
 
 def render_markdown(rows: Sequence[Sequence[str]]) -> str:
-    align = ["---"] * _TEXT_COLUMNS + ["---:"] * (len(HEADERS) - _TEXT_COLUMNS)
-    lines = ["| " + " | ".join(HEADERS) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(HEADERS, rows, _TEXT_COLUMNS)
 
 
 def _reference_note(runs: Sequence[RunResult]) -> str:
@@ -446,20 +435,87 @@ def _count(runs: Sequence[RunResult]) -> str:
     return "1 run" if len(runs) == 1 else f"{len(runs)} runs"
 
 
-def render(groups: dict[tuple, list[RunResult]], fmt: str) -> str:
-    """The comparison as text in `fmt` (table, markdown or csv)."""
+@dataclass
+class SeedSummary:
+    """The seed groups of every stream group (key as in group_runs), and the paired
+    differences from --baseline (None without one)."""
+
+    groups: dict
+    differences: Optional[list] = None
+    baseline: Optional[str] = None
+    level: float = 0.95
+    samples: int = 2000  # bootstrap resamples and their seed
+    seed: int = 0
+    cache: dict = field(default_factory=dict)  # per-item scores and bootstrap copies, per run
+
+
+def render(groups: dict[tuple, list[RunResult]], fmt: str, seeds: Optional[SeedSummary] = None) -> str:
+    """The comparison as text in `fmt` (table, markdown or csv); with `seeds`, each
+    group's block ends with its seed-group table (and differences from the baseline)."""
     if fmt == "csv":
         return csv_text(groups).rstrip("\n")
+    from cl_runner.seed_tables import render_seed_sections
+
     blocks = []
     for group, runs in groups.items():
         rows = [table_row(r) for r in runs]
         notes = "\n".join(n for n in (_reference_note(runs), environment_note(runs)) if n)
+        section = ""
+        if seeds is not None and seeds.groups.get(group):
+            section = render_seed_sections(seeds.groups[group], seeds.differences, seeds.baseline, fmt,
+                                           seeds.level, environment_note)
         if fmt == "markdown":
             notes = notes.replace("\n", "\n\n")
-            blocks.append(f"### {group_label(group)} ({_count(runs)})\n\n{render_markdown(rows)}\n\n{notes}")
+            block = f"### {group_label(group)} ({_count(runs)})\n\n{render_markdown(rows)}\n\n{notes}"
+            blocks.append(block + (f"\n\n{section}" if section else ""))
         else:
-            blocks.append(f"== {group_label(group)} ({_count(runs)}) ==\n{render_table(rows)}\n{notes}")
+            block = f"== {group_label(group)} ({_count(runs)}) ==\n{render_table(rows)}\n{notes}"
+            blocks.append(block + (f"\n\n{section}" if section else ""))
     return "\n\n".join(blocks)
+
+
+def summarize_seeds(groups: dict[tuple, list[RunResult]], baseline: Optional[str] = None, level: float = 0.95,
+                    samples: int = 2000, seed: int = 0) -> SeedSummary:
+    """Seed groups per stream group with their intervals (best mean ACC first), and the
+    paired differences from `baseline`; BaselineError when it names no run or no seed pairs."""
+    from cl_runner.seed_groups import group_by_seed, paired_differences, summarize_group
+
+    summary = SeedSummary({}, baseline=baseline, level=level, samples=samples, seed=seed)
+    cache = summary.cache
+    for key, runs in groups.items():
+        found = [summarize_group(g, level, samples, seed, cache) for g in group_by_seed(runs)]
+        acc = [g.intervals["ACC"].mean for g in found]
+        order = sorted(range(len(found)), key=lambda i: (acc[i] is None, -(acc[i] or 0.0)))
+        summary.groups[key] = [found[i] for i in order]
+    if baseline is not None:
+        every = [g for found in summary.groups.values() for g in found]
+        summary.differences = paired_differences(every, baseline, level, samples, seed, cache)
+    return summary
+
+
+def write_seed_outputs(summary: SeedSummary, out: Path) -> list[Path]:
+    """comparison_seeds.csv, and forgetting_curves.png per stream group (numbered when
+    there are several) with each seed group's mean and interval band."""
+    from cl_runner.plots import plot_seed_curves
+    from cl_runner.seed_groups import curve_bands
+    from cl_runner.seed_tables import seeds_csv_text
+
+    written = [out / "comparison_seeds.csv"]
+    written[0].write_text(seeds_csv_text(summary.groups, summary.differences, summary.baseline, summary.level),
+                          encoding="utf-8")
+    keys = [k for k, found in summary.groups.items() if found and k[1]]
+    for n, key in enumerate(keys, 1):
+        found = summary.groups[key]
+        several_models = len({g.first.model for g in found}) > 1
+        bands = {}
+        for g in found:
+            data = curve_bands(g, summary.level, summary.samples, summary.seed, summary.cache)
+            if data is not None and data["R"][0].shape[1] == len(key[1]):
+                bands[f"{g.label} [{g.first.model}]" if several_models else g.label] = data
+        if bands:
+            name = "forgetting_curves.png" if len(keys) == 1 else f"forgetting_curves_{n}.png"
+            written.append(plot_seed_curves(bands, key[1], out / name, summary.level))
+    return written
 
 
 def _plot_labels(runs: Sequence[RunResult], several_groups: bool) -> dict[str, dict]:
@@ -486,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="where comparison.csv and comparison.png go (default: the first PATH)")
     parser.add_argument("--sort", default="ACC", choices=sorted(SORT_KEYS), help="order of the rows within a group (default: ACC, best first)")
     parser.add_argument("--format", dest="fmt", default="table", choices=("table", "csv", "markdown"), help="what is printed (default: table)")
+    parser.add_argument("--baseline", default=None, metavar="LABEL",
+                        help="strategy label (as in the strategy column, e.g. seq_ft) to subtract from every other "
+                        "seed group of the same tasks and model, paired by seed")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
+    parser.add_argument("--bootstrap-samples", type=int, default=2000,
+                        help="resamples of the test items for a single seed's interval (default: 2000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
     return parser
 
 
@@ -519,7 +582,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     attach_references(runs)
     describe_differences(runs)
     groups = {key: sort_runs(group, args.sort) for key, group in group_runs(runs).items()}
-    print(render(groups, args.fmt))
+    if not 0.0 < args.level < 1.0 or args.bootstrap_samples < 1:
+        print("cl-report: --level must lie in (0, 1) and --bootstrap-samples be at least 1", file=sys.stderr)
+        return 2
+    from cl_runner.seed_groups import BaselineError
+
+    try:
+        seeds = summarize_seeds(groups, args.baseline, args.level, args.bootstrap_samples, args.bootstrap_seed)
+    except BaselineError as err:
+        print(f"cl-report: {err}", file=sys.stderr)
+        return 2
+    print(render(groups, args.fmt, seeds))
 
     first = args.paths[0]
     out = args.out or (first.parent if first.is_file() else first)
@@ -530,7 +603,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ordered = [run for group in groups.values() for run in group]
     png_path = plot_run_comparison(_plot_labels(ordered, len(groups) > 1), out / "comparison.png")
-    print(f"cl-report: wrote {csv_path} and {png_path}", file=sys.stderr)
+    extra = write_seed_outputs(seeds, out)
+    print(f"cl-report: wrote {csv_path}, {png_path}, {', '.join(p.name for p in extra)}", file=sys.stderr)
     return 0
 
 

@@ -110,6 +110,13 @@ def write_predictions(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def write_item_scores(path: Path, scores: list[float]) -> None:
+    """The per-item scores of one evaluation as a JSON list, written when
+    evaluation.save_predictions is off (cl-report's bootstrap over test items reads them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([round(float(s), 6) for s in scores]))
+
+
 class Tracker:
     """No-op tracker (logger=none, and every non-main process)."""
 

@@ -4,13 +4,17 @@ at what cost?").
 
     python scripts/compare_strategies.py --data-dir ../shared/data/cl_benchmark
     python scripts/compare_strategies.py --preset minilm_cl_benchmark --only seq_ft svd_r25
+    python scripts/compare_strategies.py --data-dir DATA --seeds 0 1 2   # mean ± 95% CI, differences from seq_ft
 
 Each run is a plain `cl-run` in its own folder under RUNS/ (default
 results/compare/<preset>/, git-ignored: it holds checkpoints); a run whose folder already
 has metrics.json is skipped and a stopped one is resumed, so a comparison continues where
-it left off. OUT/comparison.md (the cl-report table and each run's R matrix),
-comparison.csv and comparison.png (default OUT: results/reproduce/<preset>/, committed)
-are rewritten at the end.
+it left off. With several --seeds each strategy runs once per seed (folders
+<label>_s<seed>), and cl-report groups the seeds: mean ± 95% CI per strategy and, with
+--baseline (default seq_ft), the paired difference from it and which differences lie
+outside their interval. OUT/comparison.md (the cl-report tables and each run's R
+matrix), comparison.csv, comparison_seeds.csv, comparison.png and forgetting_curves.png
+(default OUT: results/reproduce/<preset>/, committed) are rewritten at the end.
 """
 from __future__ import annotations
 
@@ -52,14 +56,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=None, help="run folders (default: results/compare/<preset>)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: results/reproduce/<preset>)")
     parser.add_argument("--only", nargs="+", choices=sorted(STRATEGIES), help="run just these labels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of a single-seed comparison")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run every strategy once per seed (folders <label>_s<seed>)")
+    parser.add_argument("--baseline", default="seq_ft",
+                        help="cl-report --baseline when several seeds ran (default: seq_ft; 'none': no differences)")
     parser.add_argument("extra", nargs="*", help="more cl-run overrides for every run")
     return parser.parse_args(argv)
 
 
-def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir: Path) -> bool:
+def run_folder(runs_dir: Path, label: str, seed: int, several: bool) -> Path:
+    """<label> for a single-seed comparison, <label>_s<seed> when several seeds run."""
+    return runs_dir / (f"{label}_s{seed}" if several else label)
+
+
+def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir: Path, seed: int,
+            several: bool = False) -> bool:
     """True when the run has its metrics.json (now or from before)."""
-    folder = runs_dir / label
+    folder = run_folder(runs_dir, label, seed, several)
+    label = folder.name
     if (folder / "metrics.json").is_file():
         print(f"[compare] {label}: done before, skipped", flush=True)
         return True
@@ -70,7 +85,7 @@ def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir
     else:
         preset = [] if args.preset == "none" else [f"experiment={args.preset}"]
         data = [] if args.data_dir is None else [f"task_stream.data_dir={args.data_dir}"]
-        command = cl_run + preset + data + [f"seed={args.seed}", "logger=none", "trainer.progress_bar=false",
+        command = cl_run + preset + data + [f"seed={seed}", "logger=none", "trainer.progress_bar=false",
                                             f"output_dir={folder}", *overrides, *args.extra]
     print(f"[compare] {label}: cl-run {' '.join(command[3:])}", flush=True)
     started = time.perf_counter()
@@ -96,30 +111,40 @@ def main(argv=None) -> int:
     runs_dir = args.runs or Path("results") / "compare" / args.preset
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    failed = [label for label in (args.only or list(STRATEGIES))
-              if not run_one(label, STRATEGIES[label], args, runs_dir)]
+    seeds = args.seeds or [args.seed]
+    several = len(seeds) > 1
+    failed = [run_folder(runs_dir, label, seed, several).name for label in (args.only or list(STRATEGIES))
+              for seed in seeds if not run_one(label, STRATEGIES[label], args, runs_dir, seed, several)]
     # The report covers every finished run in RUNS, also those of earlier --only calls.
-    labels = [label for label in STRATEGIES if (runs_dir / label / "metrics.json").is_file()]
-    if not labels:
+    finished = [(label, run_folder(runs_dir, label, seed, several)) for label in STRATEGIES for seed in seeds]
+    finished = [(label, f) for label, f in finished if (f / "metrics.json").is_file()]
+    folders = [f for _, f in finished]
+    if not folders:
         print("[compare] no finished run; nothing to compare", file=sys.stderr)
         return 1
 
+    baseline = []
+    if several and args.baseline != "none" and any(f.name.startswith(f"{args.baseline}_s") for f in folders):
+        baseline = ["--baseline", args.baseline]
     report = subprocess.run([sys.executable, "-m", "cl_runner.report", str(runs_dir), "--out", str(out),
-                             "--format", "markdown"], check=True, capture_output=True, text=True)
+                             "--format", "markdown", *baseline], check=True, capture_output=True, text=True)
     command = " ".join(["python scripts/compare_strategies.py", f"--preset {args.preset}",
-                        "--data-dir DATA" if args.data_dir else "", *args.extra]).replace("  ", " ").strip()
-    sections = [f"# Strategies on `experiment={args.preset}` (seed {args.seed})", "", f"`{command}`", "",
+                        "--data-dir DATA" if args.data_dir else "",
+                        f"--seeds {' '.join(map(str, seeds))}" if several else "", *args.extra]).replace("  ", " ").strip()
+    seed_text = f"seeds {', '.join(map(str, seeds))}" if several else f"seed {args.seed}"
+    sections = [f"# Strategies on `experiment={args.preset}` ({seed_text})", "", f"`{command}`", "",
                 "Times are wall-clock on the machine that ran them and vary with its load: a rough "
                 "guide to cost, not a benchmark.", "", report.stdout.strip(), ""]
     if failed:
         sections += [f"Failed (see their run folders under {runs_dir}): {', '.join(failed)}", ""]
-    for label in labels:
-        metrics = json.loads((runs_dir / label / "metrics.json").read_text())
+    for label, folder in finished:
+        metrics = json.loads((folder / "metrics.json").read_text())
         settings = " ".join(STRATEGIES[label]) or "(defaults)"
-        sections += [f"## {label}: `{settings}`", "", r_matrix_markdown(metrics), ""]
+        sections += [f"## {folder.name}: `{settings}`", "", r_matrix_markdown(metrics), ""]
     (out / "comparison.md").write_text("\n".join(sections))
     print(report.stdout)
-    print(f"[compare] wrote {out / 'comparison.md'}, comparison.csv, comparison.png", file=sys.stderr)
+    print(f"[compare] wrote {out / 'comparison.md'}, comparison.csv, comparison_seeds.csv, comparison.png, "
+          "forgetting_curves.png", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -32,3 +32,18 @@ def test_compare_runs_each_strategy_once_and_writes_the_comparison(tmp_path):
     again = compare(tmp_path, "--only", "seq_ft", "--", *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "seq_ft: done before, skipped" in again.stdout
+
+
+def test_compare_over_seeds_groups_them_and_subtracts_seq_ft(tmp_path):
+    done = compare(tmp_path, "--only", "seq_ft", "rewarm_replay", "--seeds", "0", "1", "--", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "rewarm_replay_s0", "rewarm_replay_s1", "seq_ft_s0", "seq_ft_s1"]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "(seeds 0, 1)" in md and "## seq_ft_s1: `(defaults)`" in md
+    assert "| seq_ft | tiny_gpt2 | 2 (0,1) |" in md
+    assert "difference from seq_ft, paired by seed" in md
+    rows = {r["strategy"]: r for r in csv.DictReader((tmp_path / "out" / "comparison_seeds.csv").open())}
+    assert rows["seq_ft"]["n_seeds"] == "2" and rows["seq_ft"]["ACC_interval"] == "t"
+    assert [r["n_pairs"] for s, r in rows.items() if s != "seq_ft"] == ["2"]
+    assert (tmp_path / "out" / "forgetting_curves.png").stat().st_size > 0

@@ -178,6 +178,6 @@ def test_summary_ends_with_what_the_run_cost():
     text = format_summary(R, ["a", "b"], metrics)
     assert text.splitlines()[-1] == ("cost: 1m15s (train 1m00s, eval 5.5s)  12,346 train tokens/s  "
                                      "peak memory 3.00 GiB (RSS)  strategy state 5.0 MiB")
-    assert "ACC +0.7500  BWT -0.5000" in text
+    assert "ACC 0.750  BWT -0.500  FWT -" in text  # the numbers read as in cl-report
     # seq_ft keeps no state: no "strategy state" part
     assert "strategy state" not in format_summary(R, ["a", "b"], {**metrics, "strategy_extra_bytes": 0})
