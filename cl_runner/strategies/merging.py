@@ -122,7 +122,8 @@ class ContinualMerging(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def placed(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {n: v.to(device=self.theta0[n].device, dtype=torch.float32) for n, v in values.items()}
+            # A copy: the merge updates these in place, never the caller's tensors.
+            return {n: v.to(device=self.theta0[n].device, dtype=torch.float32, copy=True) for n, v in values.items()}
 
         self.theta0 = placed(state["theta0"])
         self.merged = placed(state["merged"])
