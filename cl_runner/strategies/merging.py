@@ -100,6 +100,8 @@ class ContinualMerging(Strategy):
                 self.merged[n].add_(delta)
         self.tasks_merged += 1
         self.history.append(entry)
+        # The per-merge numbers (lambda, norms) also go to the tracker, as a train-step series.
+        self.ctx.log({f"{self.name}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
         self._load({n: self.theta0[n] + self.merged[n] for n in self.theta0})
 
     def merge(self, t: int, tau: dict[str, torch.Tensor]) -> dict[str, Any]:

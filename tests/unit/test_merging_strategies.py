@@ -175,3 +175,12 @@ def test_head_modules_that_match_nothing_are_refused():
 def test_fsdp_is_refused_when_the_stack_is_built(name):
     with pytest.raises(ValueError, match=rf"strategy={name} does not support trainer.sharding=fsdp.*trainer.sharding=none"):
         build_strategy(validate(compose([f"strategy={name}", "trainer.sharding=fsdp"])))
+
+
+def test_gpt2_conv1d_weights_are_projected_and_a_tied_lm_head_is_not_a_matrix():
+    from cl_runner.models import build_model
+
+    model = build_model(validate(compose(["model=tiny_gpt2"])).model).model
+    names = linear_weight_names(model)
+    assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.1.mlp.c_proj.weight" in names
+    assert "lm_head.weight" not in names and "transformer.wte.weight" not in names  # tied: listed once, an embedding
