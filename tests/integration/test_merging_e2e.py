@@ -58,11 +58,12 @@ def test_opcm_reports_lambda_and_projected_fraction_per_layer(full_runs):
         assert all(0.0 <= layer["projected_fraction"] <= 1.0 for layer in merge["layers"].values())
 
 
-@pytest.mark.parametrize("stop_at", [4, 6], ids=["task_boundary", "mid_task"])
+@pytest.mark.parametrize("stop_at", [4, 6, 10], ids=["task_boundary", "mid_task", "mid_task_after_two_merges"])
 def test_opcm_resumes_to_the_same_R_and_weights(stop_at, full_runs, tmp_path, monkeypatch):
     full, full_dir = full_runs["opcm"]
     overrides = TINY_LLAMA + ["strategy=opcm"]
-    # global step 4: task 1 done (its checkpoint holds the merged model); 6: step 2 of task 2.
+    # global step 4: task 1 done (its checkpoint holds the merged model); 6: step 2 of task 2;
+    # 10: step 2 of task 3, resumed with lambda_2 != 1 and two task norms in the state.
     run_until_crash(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path, stop_at, monkeypatch)
     resumed, resumed_dir = run_cl([f"resume={tmp_path / 'stopped'}"], tmp_path)
     assert resumed["R"] == full["R"]
