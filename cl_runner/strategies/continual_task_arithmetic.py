@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from cl_runner.ops.merging import vector_norm
-from cl_runner.strategies.merging import ContinualMerging
+from cl_runner.strategies.parts.merging import ContinualMerging
 from cl_runner.strategies.registry import register
+from cl_runner.checks import require
 
 
 @dataclass
@@ -32,9 +33,7 @@ class ContinualTaskArithmeticConfig:
 
 
 def check_scaling_factor(value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"bad value for 'strategy.scaling_factor': {value!r}; use a lambda in (0, 1] "
-                         "(task arithmetic sweeps 0.1..1.0)")
+    require(0.0 < value <= 1.0, "strategy.scaling_factor", value, "use a lambda in (0, 1] (task arithmetic sweeps 0.1..1.0)")
 
 
 @register("continual_task_arithmetic", config=ContinualTaskArithmeticConfig)

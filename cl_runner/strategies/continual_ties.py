@@ -25,8 +25,9 @@ import torch
 
 from cl_runner.ops.merging import MERGE_FUNCS, ties_merge_dicts, vector_norm
 from cl_runner.strategies.continual_task_arithmetic import check_scaling_factor
-from cl_runner.strategies.merging import ContinualMerging
+from cl_runner.strategies.parts.merging import ContinualMerging
 from cl_runner.strategies.registry import register
+from cl_runner.checks import require, require_choice
 
 
 @dataclass
@@ -46,12 +47,10 @@ class ContinualTies(ContinualMerging):
     def __init__(self, config: ContinualTiesConfig) -> None:
         super().__init__(config)
         check_scaling_factor(config.scaling_factor)
-        if not 1.0 < config.threshold <= 100.0:
-            raise ValueError(f"bad value for 'strategy.threshold': {config.threshold!r}; it is the percent of entries "
-                             "kept, in (1, 100] (e.g. 20 for the top 20%; FusionBench reads values <= 1 as a fraction)")
-        if config.merge_func not in MERGE_FUNCS:
-            raise ValueError(f"bad value for 'strategy.merge_func': {config.merge_func!r}; "
-                             f"choose one of: {', '.join(MERGE_FUNCS)}")
+        require(1.0 < config.threshold <= 100.0, "strategy.threshold", config.threshold,
+                "it is the percent of entries kept, in (1, 100] (e.g. 20 for the top 20%; FusionBench reads "
+                "values <= 1 as a fraction)")
+        require_choice(config.merge_func, "strategy.merge_func", MERGE_FUNCS)
 
     def merge(self, t: int, tau: dict[str, torch.Tensor]) -> dict[str, Any]:
         body = {n: self.merged[n] for n in tau}

@@ -34,8 +34,9 @@ from torch import nn
 
 from cl_runner.ops.merging import opcm_merge_, vector_norm
 from cl_runner.strategies.base import StrategyContext
-from cl_runner.strategies.merging import ContinualMerging
+from cl_runner.strategies.parts.merging import ContinualMerging
 from cl_runner.strategies.registry import register
+from cl_runner.checks import require
 
 
 @dataclass
@@ -71,9 +72,8 @@ def linear_weight_names(model: nn.Module) -> list[str]:
 class OrthogonalProjectionMerging(ContinualMerging):
     def __init__(self, config: OPCMConfig) -> None:
         super().__init__(config)
-        if not 0.0 <= config.alpha < 1.0:
-            raise ValueError(f"bad value for 'strategy.alpha': {config.alpha!r}; use a share in [0, 1) "
-                             "(0.5 is the reference code's default; at 1.0 no share exceeds alpha)")
+        require(0.0 <= config.alpha < 1.0, "strategy.alpha", config.alpha,
+                "use a share in [0, 1) (0.5 is the reference code's default; at 1.0 no share exceeds alpha)")
         self.lam = 1.0
         self.task_norms: list[float] = []
         self.matrices: list[str] = []

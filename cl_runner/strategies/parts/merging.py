@@ -32,6 +32,7 @@ import torch
 from cl_runner.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
 from cl_runner.streams.task import Task
+from cl_runner.checks import require_choice
 
 HEAD_RULES = ("sum", "merge")
 
@@ -53,9 +54,7 @@ class ContinualMerging(Strategy):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        if config.classifier_head not in HEAD_RULES:
-            raise ValueError(f"bad value for 'strategy.classifier_head': {config.classifier_head!r}; "
-                             f"choose one of: {', '.join(HEAD_RULES)}")
+        require_choice(config.classifier_head, "strategy.classifier_head", HEAD_RULES)
         self.theta0: dict[str, torch.Tensor] = {}
         self.merged: dict[str, torch.Tensor] = {}
         self.head_names: list[str] = []
