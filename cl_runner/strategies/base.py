@@ -68,6 +68,8 @@ class Strategy:
     def __init__(self, config: Any = None) -> None:
         self.config = config
         self.ctx: StrategyContext | None = None
+        # A strategy whose config has `carry_optimizer` follows it (seq_ft, ewc, hft, ...).
+        self.carry_optimizer = bool(getattr(config, "carry_optimizer", type(self).carry_optimizer))
 
     # -- life cycle ---------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:

@@ -132,7 +132,6 @@ class ElasticWeightConsolidation(Strategy):
                                  ("normalize_fisher", not config.normalize_fisher, "false")):
                 require(ok, f"strategy.{key}", getattr(config, key),
                         f"with strategy.fisher=trace_online use {why} (TRACE's merge has no such option)")
-        self.carry_optimizer = bool(config.carry_optimizer)
         # trace_online: running sum of squared step gradients of the current task, and its steps.
         self.grad_sq_sum: dict[str, torch.Tensor] = {}
         self.grad_steps = 0

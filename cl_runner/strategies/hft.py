@@ -212,7 +212,6 @@ class HalfFineTuning(Strategy):
         super().__init__(config)
         require_choice(config.granularity, "strategy.granularity", GRANULARITIES)
         require(0.0 <= config.ratio <= 1.0, "strategy.ratio", config.ratio, "use a fraction in [0, 1] (0.5 freezes half)")
-        self.carry_optimizer = bool(config.carry_optimizer)
         self.freezes_parameters = True
         self.units: dict = {}
         self._masks: list[_Mask] = []

@@ -19,10 +19,6 @@ class MultitaskConfig:
 
 @register("multitask", config=MultitaskConfig)
 class MultitaskJoint(Strategy):
-    def __init__(self, config: MultitaskConfig) -> None:
-        super().__init__(config)
-        self.carry_optimizer = bool(config.carry_optimizer)
-
     def _skipped(self, t: int) -> bool:
         return self.config.final_only and t < len(self.ctx.stream) - 1
 

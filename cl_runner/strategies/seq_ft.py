@@ -16,6 +16,4 @@ class SeqFTConfig:
 
 @register("seq_ft", config=SeqFTConfig)
 class SequentialFineTuning(Strategy):
-    def __init__(self, config: SeqFTConfig) -> None:
-        super().__init__(config)
-        self.carry_optimizer = bool(config.carry_optimizer)
+    """Every hook is the base class's no-op."""

@@ -155,7 +155,6 @@ class SVDOrthogonal(Strategy):
                   "use a fraction in (0, 1]")
         require(c.svd_oversample >= 0, "strategy.svd_oversample", c.svd_oversample, "use >= 0")
         require(c.svd_power_iters >= 0, "strategy.svd_power_iters", c.svd_power_iters, "use >= 0")
-        self.carry_optimizer = bool(c.carry_optimizer)
         self.targets: list[Target] = []
         self.groups: Optional[ProjectionGroups] = None
         self.sharded = None  # ShardedSubspaces under trainer.sharding=fsdp
