@@ -153,12 +153,19 @@ def _group_key(g: Tensor, left: Optional[Tensor], right: Optional[Tensor],
     return (tuple(g.shape), g.dtype, g.device, left is None, right is None, lc, rc)
 
 
-def _stack_padded(bases: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Stack (dim, k_i) bases to (B, dim, max k), padding with zero columns (exact)."""
-    k_max = max(b.shape[1] for b in bases)
-    out = bases[0].new_zeros((len(bases), bases[0].shape[0], k_max), dtype=dtype)
+def stack_padded(bases: Sequence[Optional[Tensor]], dtype: torch.dtype,
+                 device: Optional[torch.device] = None) -> Optional[Tensor]:
+    """Stack (dim, k_i) bases to (B, dim, max k), padding with zero columns (exact: a zero
+    column projects nothing); a None basis stays all zeros; None if every basis is None."""
+    present = [b for b in bases if b is not None]
+    if not present:
+        return None
+    width = max(b.shape[1] for b in present)
+    out = torch.zeros((len(bases), present[0].shape[0], width), dtype=dtype,
+                      device=present[0].device if device is None else device)
     for i, b in enumerate(bases):
-        out[i, :, : b.shape[1]] = b
+        if b is not None:
+            out[i, :, : b.shape[1]] = b
     return out
 
 
@@ -178,8 +185,8 @@ def project_list_(grads: Sequence[Tensor], left_bases: Sequence[Optional[Tensor]
             continue
         dtype = compute_dtype(grads[idx[0]].dtype)
         stack = torch.stack([grads[i] for i in idx]).to(dtype)
-        left = None if no_left else _stack_padded([left_bases[i] for i in idx], dtype)
-        right = None if no_right else _stack_padded([right_bases[i] for i in idx], dtype)
+        left = None if no_left else stack_padded([left_bases[i] for i in idx], dtype)
+        right = None if no_right else stack_padded([right_bases[i] for i in idx], dtype)
         project_stacked_(stack, left, right, lc, rc, mode)
         torch._foreach_copy_([grads[i] for i in idx], list(stack.unbind(0)))
 

@@ -138,8 +138,8 @@ class ProjectionGroups:
             bucket.left_ranks = [self._specs[n][4] for n in names]
             bucket.right_ranks = [self._specs[n][5] for n in names]
             bdtype = self.basis_dtype or dtype
-            bucket.left = _stack_padded([self._specs[n][2] for n in names], bdtype, device)
-            bucket.right = _stack_padded([self._specs[n][3] for n in names], bdtype, device)
+            bucket.left = reference.stack_padded([self._specs[n][2] for n in names], bdtype, device)
+            bucket.right = reference.stack_padded([self._specs[n][3] for n in names], bdtype, device)
             self._buckets.append(bucket)
         if self._attached:
             self._attached = False
@@ -407,21 +407,6 @@ def _check_orthonormal(basis: Tensor, what: str) -> None:
     if err > tol:
         raise ValueError(f"{what} is not orthonormal (max |B^T B - I| = {err:.2e} > {tol}); "
                          "pass bases from top_k_bases or orthonormalise with torch.linalg.qr")
-
-
-def _stack_padded(bases: Sequence[Optional[Tensor]], dtype: torch.dtype,
-                  device: torch.device) -> Optional[Tensor]:
-    """(B, dim, max width) with zero columns after each basis; None if all are None."""
-    present = [b for b in bases if b is not None]
-    if not present:
-        return None
-    dim = present[0].shape[0]
-    width = max(b.shape[1] for b in present)
-    out = torch.zeros((len(bases), dim, width), dtype=dtype, device=device)
-    for i, b in enumerate(bases):
-        if b is not None:
-            out[i, :, : b.shape[1]] = b
-    return out
 
 
 def _unpad(stacked: Optional[Tensor], i: int, kind: str, k: int, dim: int):
