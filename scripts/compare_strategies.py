@@ -45,6 +45,13 @@ STRATEGIES: dict[str, list[str]] = {
     "seq_ft_lines": ["lines.enabled=true"],
     # The paper's reference applied to the training state after every task: compounds.
     "seq_ft_lines_pretrained": ["lines.enabled=true", "lines.reference=pretrained"],
+    # The infinite schedule: constant lr after task 1, an anneal (through the strategy's step
+    # path, with replay) evaluated before each row of R.
+    "rewarm_replay_infinite": ["strategy=rewarm_replay", "lr_schedule.curve=infinite"],
+    # Continual merging: every task fine-tunes from the pretrained weights, then is merged.
+    "opcm": ["strategy=opcm"],
+    "continual_task_arithmetic": ["strategy=continual_task_arithmetic"],
+    "continual_ties": ["strategy=continual_ties"],
 }
 
 
