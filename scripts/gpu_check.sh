@@ -12,7 +12,7 @@
 #  2 build   The extension's CUDA build as `make install` does it (pip install
 #            --no-build-isolation -e .); where that cannot run (setuptools < 77 offline) the
 #            same CUDAExtension is built directly. Then: the `cuda` backend must be loaded.
-#  3 pytest  tests/gpu and the plain-nvcc kernel compile; a skipped test counts as a failure.
+#  3 pytest  tests/gpu, tests/unit/test_ops.py (its cuda cases) and the plain-nvcc kernel compile; a skipped test counts as a failure.
 #  4 runs    A 2-task bf16 tiny_llama run on cuda of every strategy (seq_ft, multitask,
 #            svd_orthogonal (also with ops.backend=cuda), hft, ewc, classp, rewarm_replay,
 #            the lines add-on) and one with trainer.sharding=fsdp; --parallel at a time.
@@ -120,7 +120,7 @@ EOF
 run_pytest() {  # every test must run: a skip on a GPU means something is missing
   local log
   log=$(mktemp)
-  "$PY" -m pytest tests/gpu tests/unit/test_ops_build.py -q -rs -p no:cacheprovider 2>&1 | tee "$log"
+  "$PY" -m pytest tests/gpu tests/unit/test_ops.py tests/unit/test_ops_build.py -q -rs -p no:cacheprovider 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 0 ] && grep -q '^SKIPPED' "$log"; then
     echo "FAIL: $(grep -c '^SKIPPED' "$log") skip line(s) above: on a GPU every test must run"
@@ -255,7 +255,7 @@ describe() {  # what an internal sub-command runs, for --dry-run
     strategy_run) echo "$PY -m cl_runner.cli ${RUN_BASE[*]} $(run_overrides "$2") output_dir=$3  (then: metrics.json R 3x2, ran on $DEVICE)" ;;
     build_extension) echo "$PY -m pip install --no-build-isolation --no-deps -e .  (else the CUDAExtension built directly); extension_status must say 'with CUDA kernels'" ;;
     check_extension) echo "$PY: extension_status() ends '(with CUDA kernels)', available_backends('cuda')[0] == 'cuda'" ;;
-    run_pytest) echo "$PY -m pytest tests/gpu tests/unit/test_ops_build.py -q -rs  (a skip fails)" ;;
+    run_pytest) echo "$PY -m pytest tests/gpu tests/unit/test_ops.py tests/unit/test_ops_build.py -q -rs  (a skip fails)" ;;
     check_dependencies) echo "$PY -c 'import transformers, accelerate, ...'  (missing: pip install -c constraints.txt -e .[dev])" ;;
     *) echo "$*" ;;
   esac

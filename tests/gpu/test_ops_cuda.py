@@ -1,5 +1,7 @@
-"""cl_runner.ops on CUDA tensors: the `cuda` (fused kernels) and `cpp` (cuBLAS) backends
-against the fp64 formula. Skipped without a GPU."""
+"""cl_runner.ops on CUDA tensors, what only CUDA has: the fused stacked kernel on padded,
+non-contiguous stacks, ProjectionGroups' invariant, the randomized SVD. The formula and
+opcheck tests run on every device from tests/unit/test_ops.py (their cuda cases marked gpu).
+Skipped without a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -27,42 +29,10 @@ def orthonormal(dim, k, seed):
     return q.float().to(DEVICE)
 
 
-def tol(dtype):
-    return {torch.float32: 2e-5}.get(dtype, 3e-2)
-
-
 def test_cuda_backend_is_available_when_built_with_cuda():
     if not ops.extension_status().endswith("(with CUDA kernels)"):
         pytest.skip(ops.extension_status())
     assert ops.available_backends(DEVICE)[0] == "cuda"
-
-
-@pytest.mark.parametrize("mode", ops.MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("basis_dtype", [torch.float32, "same"])
-@pytest.mark.parametrize("k", [0, 1, 7, 16, 32, 33, 100])  # 33, 100: the cuBLAS path
-def test_backends_match_formula(mode, dtype, basis_dtype, k):
-    shapes = [(128, 128), (300, 70), (70, 300), (1, 40), (4096, 96)]
-    for backend in backends():
-        grads, lefts, rights, want = [], [], [], []
-        for i, (m, n) in enumerate(shapes):
-            kk = min(k, m, n)
-            for sides in ("both", "left", "right"):
-                g = torch.randn(m, n, device=DEVICE).to(dtype)
-                u = orthonormal(m, kk, i) if sides != "right" else None
-                v = orthonormal(n, kk, i + 50) if sides != "left" else None
-                bd = dtype if basis_dtype == "same" else basis_dtype
-                u = None if u is None else u.to(bd)
-                v = None if v is None else v.to(bd)
-                want.append(reference.project_one(g.float(), u, v, mode))
-                grads.append(g)
-                lefts.append(u)
-                rights.append(v)
-        ops.project_(grads, lefts, rights, mode, backend=backend)
-        for g, w in zip(grads, want):
-            scale = max(1.0, w.abs().max().item())
-            # bf16 bases carry their own rounding: compare to the formula on those bases
-            assert (g.double() - w).abs().max() <= 4 * tol(dtype) * scale, (backend, g.shape)
 
 
 @pytest.mark.parametrize("mode", ops.MODES)
@@ -113,21 +83,6 @@ def test_groups_on_cuda_match_reference_and_keep_invariant(mode):
             assert (u.double().T @ d @ v.double()).abs().max() < 1e-5 * w0.abs().max()
             with torch.no_grad():
                 p.copy_(w0)
-
-
-@pytest.mark.parametrize("op", ["project_stacked_", "project_stacked_fused_"])
-def test_opcheck_on_cuda(op):
-    if not hasattr(torch.ops, "cl_runner") or "cpp" not in backends():
-        pytest.skip("extension not built")
-    if op.endswith("fused_") and "cuda" not in backends():
-        pytest.skip("cuda backend not built")
-    u = orthonormal(40, 6, 1).expand(3, 40, 6).contiguous()
-    v = orthonormal(24, 4, 2).expand(3, 24, 4).contiguous()
-    for mode in ops.MODES:
-        for dtype in (torch.float32, torch.bfloat16):
-            g = torch.randn(3, 40, 24, device=DEVICE).to(dtype)
-            torch.library.opcheck(getattr(torch.ops.cl_runner, op).default,
-                                  (g, u, v, False, False, mode))
 
 
 def test_top_k_bases_on_cuda_randomized():

@@ -9,6 +9,17 @@ from cl_runner.ops import _backends, reference
 
 BACKENDS = [b for b in ops.available_backends("cpu")]
 SHAPES = [(64, 64), (172, 64), (64, 172), (1, 7), (7, 1)]
+# Every (device, backend) pair: the CUDA ones run where a GPU is (marked gpu, else skipped),
+# so one test holds the CPU and the GPU implementations to the same formula.
+_CUDA = torch.cuda.is_available()
+DEVICE_BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in BACKENDS] + [
+    pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.gpu)
+    for b in (ops.available_backends("cuda") if _CUDA else ["cuda"])]
+
+
+def on_device(device: str) -> None:
+    if device == "cuda" and not _CUDA:
+        pytest.skip("needs CUDA")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,29 +48,34 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("mode", ops.MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_backends_match_formula_on_adversarial_shapes(backend, mode, dtype):
+def test_backends_match_formula_on_adversarial_shapes(device, backend, mode, dtype):
+    """Square, tall, wide and degenerate shapes, k from 0 to full rank (on CUDA also the
+    sizes where the fused kernel hands over to cuBLAS), one side or both, transposed views."""
+    on_device(device)
+    shapes = SHAPES + ([(300, 70), (4096, 96)] if device == "cuda" else [])
     grads, lefts, rights, expected = [], [], [], []
     seed = 0
-    for m, n in SHAPES:
+    for m, n in shapes:
         r = min(m, n)
-        for k in sorted({0, 1, r // 2, r}):
+        ks = {0, 1, r // 2, r} | ({7, 16, 32, 33} & set(range(r + 1)) if device == "cuda" else set())
+        for k in sorted(ks):
             for sides in ("both", "left", "right"):
                 for contiguous in (True, False):
                     seed += 1
-                    g = random_grad(m, n, seed, dtype, contiguous)
-                    u = orthonormal(m, k, seed + 1000) if sides != "right" else None
-                    v = orthonormal(n, k, seed + 2000) if sides != "left" else None
-                    expected.append(reference.project_one(g.float(), u, v, mode))
+                    g = random_grad(m, n, seed, dtype, contiguous).to(device)
+                    u = orthonormal(m, k, seed + 1000).to(device) if sides != "right" else None
+                    v = orthonormal(n, k, seed + 2000).to(device) if sides != "left" else None
+                    expected.append(reference.project_one(g.float(), u, v, mode).cpu())
                     grads.append(g)
                     lefts.append(u)
                     rights.append(v)
     ops.project_(grads, lefts, rights, mode, backend=backend)
     for i, (g, want) in enumerate(zip(grads, expected)):
         assert g.dtype == dtype
-        assert (g.double() - want).abs().max() <= tolerance(dtype) * max(
+        assert (g.double().cpu() - want).abs().max() <= tolerance(dtype) * max(
             1.0, want.abs().max().item()) * 4, f"matrix {i}, shape {tuple(g.shape)}"
 
 
@@ -213,16 +229,22 @@ def test_built_extension_is_loaded():
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ops.MODES)
-def test_opcheck_registered_ops(mode):
-    u = orthonormal(20, 4, 1).expand(2, 20, 4).contiguous()
-    v_c = ops.orthonormal_complement(orthonormal(12, 9, 2)).expand(2, 12, 3).contiguous()
-    for dtype in (torch.float32, torch.bfloat16):
-        g = torch.randn(2, 20, 12).to(dtype)
-        torch.library.opcheck(torch.ops.cl_runner.project_stacked_.default,
-                              (g, u, v_c, False, True, mode))
-        torch.library.opcheck(torch.ops.cl_runner.project_stacked_.default,
-                              (g.clone(), None, v_c, False, True, mode))
+def test_opcheck_registered_ops(device, mode):
+    on_device(device)
+    u = orthonormal(20, 4, 1).expand(2, 20, 4).contiguous().to(device)
+    v_c = ops.orthonormal_complement(orthonormal(12, 9, 2)).expand(2, 12, 3).contiguous().to(device)
+    stacked = [torch.ops.cl_runner.project_stacked_]
+    if device == "cuda" and "cuda" in ops.available_backends("cuda"):
+        stacked.append(torch.ops.cl_runner.project_stacked_fused_)
+    for op in stacked:
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.randn(2, 20, 12, device=device).to(dtype)
+            torch.library.opcheck(op.default, (g, u, v_c, False, True, mode))
+            torch.library.opcheck(op.default, (g.clone(), None, v_c, False, True, mode))
+    if device == "cuda":
+        return
     grads = [torch.randn(20, 12), torch.randn(12, 20), torch.randn(20, 12)]
     torch.library.opcheck(torch.ops.cl_runner.project_list_.default,
                           (grads, [u[0], None, u[1]], [v_c[0], orthonormal(20, 2, 3), None],
