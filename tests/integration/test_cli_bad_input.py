@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import run_cl
+from tests.helpers import run_cl
 
 TINY = ["task_stream.train_size=64", "task_stream.test_size=8", "trainer.steps_per_task=4", "trainer.batch_size=8"]
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def cl_run(args: list[str], cwd) -> subprocess.CompletedProcess:

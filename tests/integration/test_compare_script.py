@@ -6,7 +6,7 @@ import csv
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TINY = ["task_stream.train_size=300", "task_stream.test_size=20", "trainer.steps_per_task=20",
         "trainer.batch_size=16", "trainer.checkpoint_every_steps=0"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import run_cl, run_until_crash
+from tests.helpers import run_cl, run_until_crash
 
 # 3 tasks x 4 steps; checkpoints every 2 steps so a stop inside task 2 has one to resume from.
 TINY_LLAMA = ["model=tiny_llama", "task_stream.train_size=64", "task_stream.test_size=4", "trainer.steps_per_task=4",

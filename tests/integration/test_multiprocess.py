@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cl
+from tests.helpers import REPO, run_cl
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)

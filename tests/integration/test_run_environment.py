@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cl_runner import environment
-from tests.conftest import REPO, run_cl, run_until_crash
+from tests.helpers import REPO, run_cl, run_until_crash
 
 SMALL = ["trainer.steps_per_task=5", "task_stream.train_size=64", "task_stream.test_size=8",
          "trainer.batch_size=16", "evaluation.save_predictions=false"]

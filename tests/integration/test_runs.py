@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_learned_with_margin, run_cl, run_until_crash
+from tests.helpers import assert_learned_with_margin, run_cl, run_until_crash
 
 SMALL = ["task_stream.train_size=300", "task_stream.test_size=20", "trainer.steps_per_task=30",
          "trainer.batch_size=16"]

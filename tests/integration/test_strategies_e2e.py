@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import assert_learned_with_margin, run_cl, run_until_crash, shared_run
+from tests.helpers import assert_learned_with_margin, run_cl, run_until_crash, shared_run
 
 TINY = ["task_stream.train_size=200", "task_stream.test_size=10", "trainer.steps_per_task=16",
         "trainer.batch_size=16", "trainer.lr=0.01", "model.architecture_config.resid_pdrop=0.1"]

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TINY = ["logger=none", "trainer.progress_bar=false", "task_stream.train_size=100", "task_stream.test_size=8",
         "trainer.steps_per_task=5", "task_stream.order=[reverse,increment]", "experiment_name=sweep"]

@@ -10,7 +10,7 @@ import torch
 
 from cl_runner.loop import ContinualLoop
 from cl_runner.tracking import Tracker
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.unit.test_svd_orthogonal import logical, top_k
 
 ANNEAL_STEPS = 3

@@ -11,7 +11,7 @@ import pytest
 
 from cl_runner.config import ConfigError, check_lengths, position_limit, validate
 from cl_runner.tracking import RunFolderError, new_run_folder
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def config_error(overrides: list[str]) -> str:

@@ -20,7 +20,7 @@ from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.classp import ClaSP, ClaSPConfig, ClaSPOptimizer, update_mask
 from cl_runner.streams.task import Example, Task, TaskStream
-from tests.conftest import compose
+from tests.helpers import compose
 
 # Three steps of gradients for one 3-weight tensor starting at w = 0.
 GRADS = [[1.0, 0.2, -2.0], [1.0, 1.0, 0.4], [-2.0, 0.1, 1.0]]

@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cl_runner.config import ConfigError, validate
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 
 GROUPS = ["model", "task_stream", "strategy", "trainer", "logger"]
 

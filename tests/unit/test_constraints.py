@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from packaging.requirements import Requirement
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def pins() -> dict[str, Requirement]:

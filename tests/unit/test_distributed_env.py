@@ -9,7 +9,7 @@ import pytest
 
 from cl_runner.distributed_env import (PORT_BASE, PORT_SPAN, SlurmEnvError, expand_nodelist, init_from_slurm,
                                        master_port_for, parse_tasks_per_node, slurm_to_torch_env)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Task 11 of a 2-node x 8-task job, as srun (submitit) starts it.
 TWO_NODES = {

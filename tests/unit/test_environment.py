@@ -12,7 +12,7 @@ import torch
 from cl_runner import environment
 from cl_runner.environment import (ENVIRONMENT_FILE, apply_cpu_threads, collect, git_state,
                                    load_environment, record_environment)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 KEYS = {"cl_runner", "git_commit", "git_dirty", "python", "torch", "transformers", "accelerate", "datasets",
         "peft", "cuda", "cudnn", "device", "device_names", "cpu", "cpu_count", "torch_threads",

@@ -334,7 +334,7 @@ def _field_tree(obj) -> dict:
 
 
 def test_composed_defaults_are_the_dataclass_defaults():
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     composed = OmegaConf.to_container(compose(["strategy=hft"]).strategy)
     assert composed == OmegaConf.to_container(OmegaConf.structured(HFTConfig))

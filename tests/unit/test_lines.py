@@ -163,7 +163,7 @@ ALPHA_HALF = {"embed.weight": 0.5, "blocks.0.lin.weight": 0.5, "blocks.1.lin.wei
 
 def test_default_reference_is_previous_task():
     assert LinesConfig().reference == "previous_task" and LinesConfig().apply_to == "train_state"
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     node = compose(["lines.enabled=true"]).lines
     assert node["reference"] == "previous_task" and node["apply_to"] == "train_state"

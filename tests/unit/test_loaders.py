@@ -574,7 +574,7 @@ def test_cl_benchmark_stream_picks_the_order_by_key_not_by_its_name():
     the display name is only a label, so renaming the stream changes nothing else."""
     from cl_runner.config import validate
     from cl_runner.streams.build import build_stream, planned_task_names
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     cfg = validate(compose(["task_stream=cl_benchmark", "task_stream.order=order4", "task_stream.data_dir=/data"]))
     assert planned_task_names(cfg.task_stream) == OLORA_ORDERS["order4"]
@@ -588,7 +588,7 @@ def test_cl_benchmark_stream_picks_the_order_by_key_not_by_its_name():
 
 def test_named_order_is_refused_where_the_stream_has_none():
     from cl_runner.config import ConfigError, validate
-    from tests.conftest import compose
+    from tests.helpers import compose
 
 
     with pytest.raises(ConfigError, match="^task_stream.order: 'order1' names a benchmark order.*only trace and olora"):

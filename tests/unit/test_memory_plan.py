@@ -13,7 +13,7 @@ from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner.config import ConfigError, validate
 from cl_runner.memory_plan import (ModelFacts, activation_bytes, build_plan, format_plan, model_facts,
                                    svd_sharded_bytes, svd_target_bytes)
-from tests.conftest import compose
+from tests.helpers import compose
 
 # tiny_llama (configs/model/tiny_llama.yaml) with the byte tokenizer (259 ids): hidden 64,
 # MLP 172, 2 blocks, untied head.

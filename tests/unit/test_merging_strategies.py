@@ -19,7 +19,7 @@ from cl_runner.strategies.continual_task_arithmetic import ContinualTaskArithmet
 from cl_runner.strategies.continual_ties import ContinualTies, ContinualTiesConfig
 from cl_runner.strategies.opcm import OPCMConfig, OrthogonalProjectionMerging, linear_weight_names
 from cl_runner.streams.task import Example, Task, TaskStream
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 class Toy(nn.Module):

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "cl_runner", "hydra_plugins",
            "configs", "csrc"]

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.replay import Replay, ReplayConfig, replay_slots
 from cl_runner.streams.task import Example, Task, TaskStream
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 
 
 def make_task(name: str, n: int) -> Task:

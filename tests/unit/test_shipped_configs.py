@@ -8,7 +8,7 @@ import pytest
 
 from cl_runner.config import validate
 from cl_runner.strategies import build_strategy
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 
 CONFIGS = REPO / "configs"
 # What a group's options need besides themselves to validate (the data folders are only

@@ -14,7 +14,7 @@ from cl_runner.strategies.base import Strategy
 from cl_runner.strategies.classp import ClaSP, ClaSPConfig
 from cl_runner.strategies.lr_schedule import LRSchedule, LRScheduleConfig
 from cl_runner.strategies.stack import StrategyStack, declares
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.integration.test_cli_bad_input import assert_one_line_error, cl_main, no_run_folder
 
 

@@ -396,7 +396,7 @@ def _block_leak(strategy, model, ctx, t: int, k_from_report: bool = True):
 
 def test_first_task_defaults_to_full():
     assert SVDOrthogonalConfig().first_task == "full"
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     assert compose(["strategy=svd_orthogonal"]).strategy.first_task == "full"
 
@@ -558,7 +558,7 @@ def _yaml_tree(node) -> dict:
 
 def test_composed_defaults_are_the_dataclass_defaults():
     """The YAML lists nothing of its own: strategy=svd_orthogonal is the schema's defaults."""
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     composed = OmegaConf.to_container(compose(["strategy=svd_orthogonal"]).strategy)
     assert composed == OmegaConf.to_container(OmegaConf.structured(SVDOrthogonalConfig))
@@ -589,7 +589,7 @@ def test_registered():
 
 def test_t5_sculpting_preset_composes_with_the_authors_settings():
     from cl_runner.strategies.base import plain_config
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     cfg = compose(["experiment=t5_sculpting", "task_stream.data_dir=/data"])
     assert cfg.experiment_name == "t5_sculpting" and cfg.model.name == "t5_large"
@@ -636,7 +636,7 @@ def test_first_task_on_the_fsdp_sharded_path(first_task):
     import torch.distributed as dist
 
     from cl_runner.sharding import shard_model
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     trainer = compose(["model=tiny_llama", "trainer.sharding=fsdp"]).trainer
     assert not dist.is_initialized()
