@@ -23,7 +23,12 @@ def build_strategy(cfg: Any) -> StrategyStack:
         if node is not None and node.get("enabled", False):
             members.append(addons[key].cls(node))
     stack = StrategyStack(members)
+    adapter = cfg.model.get("adapter", "none") if cfg.get("model") is not None else "none"
     for m in members:
+        if adapter != "none" and m.adapter_refusal:
+            how = f"set {m.name}.enabled=false" if m.name in addons else "pick another strategy"
+            raise ValueError(f"{'strategy=' + m.name if m.name not in addons else m.name + '.enabled=true'} cannot "
+                             f"run with model.adapter={adapter}: {m.adapter_refusal}; set model.adapter=none or {how}")
         check = getattr(m, "check_run_config", None)
         if check is not None:
             check(cfg)
