@@ -109,10 +109,13 @@ def activate(model: nn.Module, active: list[str], trainable: Optional[str]) -> N
     """Make `active` the adapters in the forward (their outputs add up), with only
     `trainable` (one of them, or None) receiving gradients; the head stays trainable."""
     model.base_model.set_adapter(list(active))  # PEFT marks every active adapter trainable...
-    for name in active:
+    for name in model.peft_config:
         if name != trainable:  # ...so freeze the earlier ones again
             for p in adapter_parameters(model, name):
+                # No stale (zeroed) gradient either: clipping's norm would count it, so a run
+                # resumed from a checkpoint (no gradients) would round differently.
                 p.requires_grad_(False)
+                p.grad = None
     for head in head_modules(model.get_base_model()).values():
         head.requires_grad_(True)
 
