@@ -116,3 +116,16 @@ def test_minilm_smoke_with_lora(strategy, tmp_path):
     final = checkpoint(run_dir, "task001_done.pt")
     head = [k for k in final if "classifier" in k]
     assert head and not any("modules_to_save" in k for k in final)
+
+
+def test_help_lists_the_adapter_options_and_olora():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "cl_runner.cli", "--help"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert "model_options: adapter" in out and "olora" in out
+    assert "model.adapter=lora" in out and "model.lora.{r,alpha,dropout,target_modules}" in out
+    assert "strategy.{lambda_1,lambda_2,orthogonality}" in out and "docs/adapters.md" in out
