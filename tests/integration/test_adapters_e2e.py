@@ -129,3 +129,17 @@ def test_help_lists_the_adapter_options_and_olora():
     assert "model_options: adapter" in out and "olora" in out
     assert "model.adapter=lora" in out and "model.lora.{r,alpha,dropout,target_modules}" in out
     assert "strategy.{lambda_1,lambda_2,orthogonality}" in out and "docs/adapters.md" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model.lora.r=0"], "'model.lora.r': 0; use a positive rank"),
+    (["model.lora.target_modules=[qproj]"], "'model.lora.target_modules': ['qproj'] match(es) no linear layer"),
+    (["strategy=svd_orthogonal"], "strategy=svd_orthogonal cannot run with model.adapter=lora"),
+    (["trainer.sharding=fsdp"], "model.adapter=lora cannot be combined with trainer.sharding=fsdp"),
+], ids=["rank_0", "unknown_target", "svd_orthogonal", "fsdp"])
+def test_bad_adapter_input_is_one_config_error_line_and_no_run_folder(args, expected, tmp_path, monkeypatch, capsys):
+    from tests.integration.test_cli_bad_input import assert_one_line_error, cl_main, no_run_folder
+
+    code, _, err = cl_main(["model=tiny_llama", "model.adapter=lora", *args], tmp_path, monkeypatch, capsys)
+    assert_one_line_error(code, err, expected, prefix="cl-run: config error:")
+    assert no_run_folder(tmp_path)
