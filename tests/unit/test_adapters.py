@@ -134,3 +134,16 @@ def test_minilm_classifier_adapts_query_value_and_trains_its_head():
     assert all("lora_" in n or "classifier" in n for n in trainable), sorted(trainable)
     summary = adapter_summary(m)
     assert summary["head_parameters"] == 384 * 3 + 3 and summary["layers"] == 12
+
+
+def test_memory_plan_counts_only_the_adapters_as_trainable_and_olora_s_frozen_loras():
+    from cl_runner.memory_plan import build_plan
+
+    plain = build_plan(validate(compose(["model=tiny_llama"])))
+    lora = build_plan(validate(compose(["model=tiny_llama", "model.adapter=lora"])))
+    olora = build_plan(validate(compose(["model=tiny_llama", "strategy=olora"])))
+    one = 2 * 8 * (64 + 64) * 2  # q_proj and v_proj of 2 layers, r 8, 64 -> 64
+    assert lora.trainable_params == one and lora.params == plain.params + one
+    assert lora.bytes_of("optimizer state") == one * 2 * 4
+    assert olora.params == plain.params + 3 * one  # one LoRA per task of the 3-task stream
+    assert olora.bytes_of("strategy state") == 2 * one * 4  # the two finished tasks' LoRAs
