@@ -77,6 +77,13 @@ def attach_lora(model: nn.Module, options: Any, kind: str, family: str,
     for name in names[1:]:
         peft_model.add_adapter(name, config)
     activate(peft_model, [names[0]], trainable=names[0])
+    # DDP registers the parameters that require gradients when it wraps the model, before any
+    # strategy runs: every adapter must be among them for its gradients to be synchronised
+    # in its own task. The strategy (O-LoRA's setup) freezes all but the current one after
+    # the wrap; cl-run turns on DDP's unused-parameter detection for it (freezes_parameters).
+    for name in names[1:]:
+        for p in adapter_parameters(peft_model, name):
+            p.requires_grad_(True)
     return peft_model
 
 

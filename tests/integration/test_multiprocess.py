@@ -28,6 +28,10 @@ CASES = {
     "ewc_sampled": ["strategy=ewc", "strategy.fisher=sampled"],
     "hft": ["strategy=hft"],
     "svd_frozen+replay": ["strategy=svd_orthogonal", "strategy.freeze_untargeted=true", "replay.enabled=true"],
+    # LoRA dropout off, like the model's: one process draws other masks than two would.
+    "lora_seq_ft": ["model.adapter=lora", "model.lora.dropout=0"],
+    # One LoRA per task, all created before DDP wraps the model: task 2's must be synchronised too.
+    "olora": ["strategy=olora", "model.lora.dropout=0"],
 }
 
 
