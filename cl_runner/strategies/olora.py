@@ -40,8 +40,8 @@ class OLoRAConfig:
     lambda_2: float = 0.0
     # abs: sum |A_i A_t^T| (the authors' code) | squared: sum (A_i A_t^T)^2 (the paper's Eq. 3)
     orthogonality: str = "abs"
-    # Keep AdamW's state across tasks (the new task's parameters are new anyway).
-    carry_optimizer: bool = False
+    # No carry_optimizer: each task trains parameters of its own, so a fresh AdamW per task
+    # (as each of the authors' per-task script runs) is the only meaningful choice.
 
 
 def overlap(previous: torch.Tensor, current: torch.Tensor, form: str) -> torch.Tensor:
@@ -87,7 +87,6 @@ class OrthogonalLoRA(Strategy):
             if not value >= 0 or value == float("inf"):
                 raise ValueError(f"bad value for 'strategy.{key}': {value!r}; use a finite value >= 0 "
                                  f"(the authors use lambda_1=0.5, lambda_2=0)")
-        self.carry_optimizer = bool(config.carry_optimizer)
         self.names: list[str] = []
         self.current = 0
         # residuals[t][i] = (frobenius, relative) of tasks t and i < t, over all layers together.
