@@ -147,3 +147,19 @@ def test_memory_plan_counts_only_the_adapters_as_trainable_and_olora_s_frozen_lo
     assert lora.bytes_of("optimizer state") == one * 2 * 4
     assert olora.params == plain.params + 3 * one  # one LoRA per task of the 3-task stream
     assert olora.bytes_of("strategy state") == 2 * one * 4  # the two finished tasks' LoRAs
+
+
+def test_training_steps_leave_every_base_weight_bit_identical():
+    """AdamW with weight decay over what requires gradients (as the loop builds it): decay
+    would move any base weight that slipped into the optimizer."""
+    m = built(["model=tiny_llama", "model.adapter=lora"])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 200, (4, 9))
+    for _ in range(3):
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 4096  # the optimizer holds only LoRA
