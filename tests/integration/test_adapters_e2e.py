@@ -87,15 +87,18 @@ def test_olora_keeps_base_and_earlier_loras_and_reports_them(tmp_path, initial_s
     assert any(not torch.equal(final[k], before[k]) for k in task_3)
 
 
-@pytest.mark.parametrize("stop_at", [12, 15], ids=["task_boundary", "mid_task"])
-def test_olora_resumes_to_the_same_R_and_weights(stop_at, tmp_path, monkeypatch):
-    overrides = TINY + ["strategy=olora", "strategy.lambda_2=0.01", "trainer.checkpoint_every_steps=2"]
+@pytest.mark.parametrize("stop_at, strategy", [(12, ["strategy=olora", "strategy.lambda_2=0.01"]),
+                                               (15, ["strategy=olora", "strategy.lambda_2=0.01"]),
+                                               (9, ["model.adapter=lora", "strategy=ewc"])],
+                         ids=["olora_task_boundary", "olora_mid_task", "ewc_lora_mid_task"])
+def test_adapter_runs_resume_to_the_same_R_and_weights(stop_at, strategy, tmp_path, monkeypatch):
+    overrides = TINY + strategy + ["trainer.checkpoint_every_steps=2"]
     full, full_dir = run_cl(overrides + [f"output_dir={tmp_path / 'full'}"], tmp_path)
     run_until_crash(overrides + [f"output_dir={tmp_path / 'stopped'}"], tmp_path, stop_at, monkeypatch)
     resumed, resumed_dir = run_cl([f"resume={tmp_path / 'stopped'}"], tmp_path)
     assert resumed["R"] == full["R"]
-    import json
-    assert resumed["strategy_report"] == full["strategy_report"], (json.dumps(resumed["strategy_report"]), json.dumps(full["strategy_report"]))
+    if "olora" in full["strategy_report"]:  # ranks and residuals (EWC's report holds timings)
+        assert resumed["strategy_report"] == full["strategy_report"]
     a, b = checkpoint(full_dir, "task002_done.pt"), checkpoint(resumed_dir, "task002_done.pt")
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
