@@ -158,7 +158,8 @@ class OrthogonalLoRA(Strategy):
         return {"current": self.current, "residuals": {t: dict(r) for t, r in self.residuals.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.residuals = {int(t): {int(i): tuple(v) for i, v in r.items()} for t, r in state.get("residuals", {}).items()}
+        saved = state.get("residuals", {})
+        self.residuals = {int(t): {int(i): tuple(v) for i, v in r.items()} for t, r in saved.items()}
         # A run resumed mid-task skips before_task: re-activate the task it was training.
         self._activate(int(state.get("current", 0)))
 

@@ -62,7 +62,8 @@ def test_seq_ft_lora_saves_a_merged_plain_model(tmp_path):
     final = checkpoint(run_dir, "task002_done.pt")
     # The merged q_proj of layer 0 is W + (alpha / r) B A of the trained LoRA.
     prefix = "base_model.model.model.layers.0.self_attn.q_proj."
-    w = final[prefix + "base_layer.weight"] + 4.0 * final[prefix + "lora_B.default.weight"] @ final[prefix + "lora_A.default.weight"]
+    lora_b, lora_a = final[prefix + "lora_B.default.weight"], final[prefix + "lora_A.default.weight"]
+    w = final[prefix + "base_layer.weight"] + 4.0 * lora_b @ lora_a
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, w)
 
 

@@ -49,14 +49,17 @@ def test_no_adapter_by_default():
 
 
 def test_a_target_that_matches_nothing_names_the_key_and_the_layers_there():
-    with pytest.raises(ConfigError, match=r"'model.lora.target_modules': \['qproj'\] match\(es\) no linear layer.*q_proj"):
+    with pytest.raises(ConfigError,
+                       match=r"'model.lora.target_modules': \['qproj'\] match\(es\) no linear layer.*q_proj"):
         built(["model=tiny_llama", "model.adapter=lora", "model.lora.target_modules=[qproj]"])
 
 
-@pytest.mark.parametrize("override, text", [("model.lora.r=0", "'model.lora.r': 0; use a positive rank"),
-                                            ("model.lora.alpha=-1", "'model.lora.alpha'"),
-                                            ("model.lora.dropout=1.0", "'model.lora.dropout': 1.0; use a value in [0, 1)"),
-                                            ("model.adapter=prefix", "'model.adapter': 'prefix'; choose one of: none, lora")])
+@pytest.mark.parametrize("override, text", [
+    ("model.lora.r=0", "'model.lora.r': 0; use a positive rank"),
+    ("model.lora.alpha=-1", "'model.lora.alpha'"),
+    ("model.lora.dropout=1.0", "'model.lora.dropout': 1.0; use a value in [0, 1)"),
+    ("model.adapter=prefix", "'model.adapter': 'prefix'; choose one of: none, lora"),
+])
 def test_bad_lora_values_fail_validation(override, text):
     with pytest.raises(ConfigError, match=re.escape(text)):
         validate(compose(["model=tiny_llama", "model.adapter=lora", override]))
