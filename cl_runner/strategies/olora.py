@@ -152,6 +152,10 @@ class OrthogonalLoRA(Strategy):
                      * sum(torch.linalg.norm(c.float()).item() ** 2 for c in current)) ** 0.5
             found[i] = (squares ** 0.5, (squares ** 0.5) / scale if scale > 0 else 0.0)
         self.residuals[t] = found
+        if found:  # to the tracker too: the worst overlap with any earlier task's LoRA, and the mean
+            relative = [rel for _, rel in found.values()]
+            self.ctx.log({"olora/residual_relative_max": max(relative),
+                          "olora/residual_relative_mean": sum(relative) / len(relative)})
 
     # -- bookkeeping ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

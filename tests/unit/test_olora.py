@@ -72,7 +72,7 @@ def olora_on(model, num_tasks, **options):
     names = strategy.adapter_names(num_tasks)
     accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
     stream = types.SimpleNamespace(names=[f"t{k}" for k in range(num_tasks)])
-    strategy.setup(types.SimpleNamespace(accelerator=accelerator, model=model, stream=stream,
+    strategy.setup(types.SimpleNamespace(accelerator=accelerator, model=model, stream=stream, log=lambda values: None,
                                          unwrapped_model=model))
     return strategy, names
 
