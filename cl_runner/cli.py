@@ -28,7 +28,9 @@ PACKAGE_CONFIGS = package_configs()
 def run_label(cfg: DictConfig) -> str:
     base = cfg.strategy.name
     addons = [k for k in ("replay", "lr_schedule", "lines") if cfg.get(k) is not None and cfg[k].get("enabled")]
-    return "_".join([cfg.task_stream.name, cfg.model.name, "+".join([base] + addons), f"s{cfg.seed}"])
+    adapter = cfg.model.get("adapter", "none")
+    model = cfg.model.name if adapter == "none" else f"{cfg.model.name}+{adapter}"  # LoRA runs told apart
+    return "_".join([cfg.task_stream.name, model, "+".join([base] + addons), f"s{cfg.seed}"])
 
 
 def launched_on_cpus() -> bool:

@@ -166,3 +166,10 @@ def test_training_steps_leave_every_base_weight_bit_identical():
     moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 4096  # the optimizer holds only LoRA
+
+
+def test_adapter_runs_are_labelled_as_such_in_folder_names():
+    from cl_runner.cli import run_label
+
+    assert run_label(validate(compose(["model=tiny_llama", "strategy=olora"]))) == "synthetic_tiny_llama+lora_olora_s0"
+    assert run_label(validate(compose(["model=tiny_llama"]))) == "synthetic_tiny_llama_seq_ft_s0"
