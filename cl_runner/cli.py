@@ -34,7 +34,9 @@ def strategy_label(cfg: DictConfig) -> str:
 
 
 def run_label(cfg: DictConfig) -> str:
-    return "_".join([cfg.task_stream.name, cfg.model.name, strategy_label(cfg), f"s{cfg.seed}"])
+    adapter = cfg.model.get("adapter", "none")
+    model = cfg.model.name if adapter == "none" else f"{cfg.model.name}+{adapter}"  # LoRA runs told apart
+    return "_".join([cfg.task_stream.name, model, strategy_label(cfg), f"s{cfg.seed}"])
 
 
 def launched_on_cpus() -> bool:

@@ -25,6 +25,20 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- model
 @dataclass
+class LoraOptions:
+    """LoRA adapter settings (model.adapter=lora), built with PEFT. Defaults are O-LoRA's
+    scripts' (github.com/cmnfriend/O-LoRA, src/run_uie_lora.py: lora_dim 8, lora_alpha 32,
+    lora_dropout 0.1); see docs/adapters.md."""
+
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    # Module names (or name suffixes) to adapt; None = the family's default
+    # (cl_runner/adapters.py: q/v projections for LLaMA-style, T5 and BERT).
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_gpt2"
     # causal (GPT-2/LLaMA/Qwen), seq2seq (T5), classifier (BERT-style encoder + head)
@@ -45,6 +59,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Allow fetching from the hub at run time (off: missing models fail at once).
     allow_download: bool = False
+    # none: strategies train the model's own weights | lora: they train LoRA adapters
+    # (PEFT) on frozen base weights; a classifier's head trains too (docs/adapters.md).
+    adapter: str = "none"
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
 
 # ---------------------------------------------------------------------- task streams
@@ -188,6 +206,7 @@ CHOICES = {
     "model.kind": ("causal", "seq2seq", "classifier"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.head_sharing": ("label_string", "per_task"),
+    "model.adapter": ("none", "lora"),
     "task_stream.kind": ("synthetic", "trace", "olora", "custom"),
     "task_stream.unknown_labels": ("error", "drop"),
     "trainer.schedule": ("constant", "linear", "cosine"),
@@ -261,6 +280,25 @@ def _check_ranges(cfg: DictConfig) -> None:
     _check(m.path is not None or m.architecture is not None, "model.path", m.path,
            "set model.path (hub id, folder, pkg://...) or model.architecture for a random init")
     _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
+    _check_lora(m, tr)
+
+
+def _check_lora(m: DictConfig, tr: DictConfig) -> None:
+    """model.lora.* ranges, and adapters against sharding (checked even with adapter=none
+    for the ranges, so a typo'd value never waits for the day the adapter is switched on)."""
+    lora = m.lora
+    _check(lora.r >= 1, "model.lora.r", lora.r, "use a positive rank, e.g. model.lora.r=8")
+    _check(math.isfinite(lora.alpha) and lora.alpha > 0, "model.lora.alpha", lora.alpha,
+           "use a positive scale numerator (the update is scaled by alpha / r), e.g. 32")
+    _check(0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "use a value in [0, 1)")
+    targets = lora.target_modules
+    _check(targets is None or (len(targets) > 0 and all(str(t).strip() for t in targets)),
+           "model.lora.target_modules", None if targets is None else list(targets),
+           "list module names such as [q_proj,v_proj], or null for the model family's default")
+    if m.adapter != "none" and tr.sharding == "fsdp":
+        raise ConfigError(f"model.adapter={m.adapter} cannot be combined with trainer.sharding=fsdp: FSDP2 shards "
+                          "the frozen base weights and the adapters together, which cl-runner does not support yet; "
+                          "use trainer.sharding=none (each process holds the base model, DDP syncs only the adapters)")
 
 
 def validate(cfg: DictConfig) -> DictConfig:

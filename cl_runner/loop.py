@@ -90,7 +90,10 @@ class ContinualLoop:
             raise ConfigError(str(err)) from None
         check_epochs(self.trainer, self.stream.names)
         label_space = LabelSpace(self.stream, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
-        self.bundle = build_model(cfg.model, label_space)
+        # cl-run builds (and checks) the stack before the run folder exists and hands it in.
+        # It is needed before the model: a strategy may ask for several adapters (O-LoRA).
+        self.strategy = strategy if strategy is not None else build_strategy(cfg)
+        self.bundle = build_model(cfg.model, label_space, self.strategy.adapter_names(len(self.stream)))
         # The lengths against the model as built (a loaded model's own config) and each
         # task's generation budget, before any training or evaluation.
         check_lengths(cfg, position_limit(self.bundle.model.config), "the model's config")
@@ -107,8 +110,6 @@ class ContinualLoop:
             self.model = shard_model(self.bundle.model.to(self.accelerator.device), self.trainer)
         else:
             self.model = self.accelerator.prepare(self.bundle.model)
-        # cl-run builds (and checks) the stack before the run folder exists and hands it in.
-        self.strategy = strategy if strategy is not None else build_strategy(cfg)
         self.strategy_ctx = StrategyContext(
             accelerator=self.accelerator, model=self.model, stream=self.stream,
             model_kind=self.bundle.kind, model_family=self.bundle.family, seed=cfg.seed,

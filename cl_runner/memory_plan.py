@@ -29,6 +29,8 @@ GPU, 80 for an 80 GB A100/H100) adds a fits / does-not-fit verdict.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import random
@@ -570,16 +572,47 @@ def _estimate_lines(node: Any, facts: ModelFacts, param_bytes: int) -> StrategyE
     return est
 
 
+def adapter_sizes(cfg: Any, facts: ModelFacts) -> Optional[tuple[int, int]]:
+    """(parameters of one LoRA, parameters of a classifier's head) under model.adapter=lora,
+    from the meta-device model (None without an adapter): r x (in + out) per target layer."""
+    if cfg.model.get("adapter", "none") != "lora":
+        return None
+    from cl_runner.adapters import default_target_modules, head_modules
+
+    lora = cfg.model.lora
+    targets = list(lora.target_modules) if lora.target_modules else default_target_modules(facts.family)
+    one = 0
+    for name, module in facts.model.named_modules():
+        if _is_matmul(module) and any(name == t or name.endswith("." + t) for t in targets):
+            d_in, d_out = ((module.in_features, module.out_features) if isinstance(module, nn.Linear)
+                           else tuple(module.weight.shape))  # Conv1D stores (in, out)
+            one += int(lora.r) * (d_in + d_out)
+    head = sum(p.numel() for m in head_modules(facts.model).values() for p in m.parameters()) \
+        if facts.kind == "classifier" else 0
+    return one, head
+
+
+def adapter_count(cfg: Any, n_tasks: int) -> int:
+    """How many LoRAs the run holds: one per task for O-LoRA, else one."""
+    return max(1, n_tasks) if cfg.strategy.name == "olora" else 1
+
+
 def strategy_estimate(cfg: Any, facts: ModelFacts, n_tasks: int) -> StrategyEstimate:
     """The base strategy and its enabled add-ons, summed."""
     param_bytes = DTYPE_BYTES[cfg.model.dtype]
     s = cfg.strategy
     name = s.name
+    adapter = adapter_sizes(cfg, facts)
+    trainable = facts.params if adapter is None else sum(adapter)  # what strategies see as trainable
     try:
         if name in ("seq_ft", "multitask"):
             est = StrategyEstimate(name, notes=[f"{name}: no state of its own"])
+        elif name == "olora":
+            kept = (adapter_count(cfg, n_tasks) - 1) * (adapter[0] if adapter else 0)
+            est = StrategyEstimate(name, state_bytes=kept * param_bytes, notes=[
+                f"olora: the frozen LoRAs of the finished tasks, {count(kept)} parameters after the last task"])
         elif name == "ewc":
-            est = _estimate_ewc(s, facts, facts.params, n_tasks)
+            est = _estimate_ewc(s, facts, trainable, n_tasks)
         elif name == "svd_orthogonal":
             est = _estimate_svd(s, facts, param_bytes, n_tasks)
         elif name == "hft":
@@ -607,6 +640,10 @@ def strategy_estimate(cfg: Any, facts: ModelFacts, n_tasks: int) -> StrategyEsti
     replay = cfg.get("replay")
     if replay is not None and replay.get("enabled"):
         est.notes.append("replay: its buffer is examples in host memory (negligible on the GPU)")
+    if adapter is not None:  # only the current LoRA (and a classifier's head) has gradients and optimizer state
+        est.trainable_params = trainable
+        est.notes.append(f"model.adapter=lora: {count(adapter[0])} LoRA parameters per adapter"
+                         + (f" + {count(adapter[1])} head" if adapter[1] else "") + " train; the base is frozen")
     return est
 
 
@@ -730,6 +767,9 @@ def build_plan(cfg: Any, world_size: Optional[int] = None, sharding: Optional[st
     gpu = gpu_memory_gb if gpu_memory_gb is not None else plan_gpu_memory_gb(cfg)
     ckpt = plan_activation_checkpointing(cfg)
     facts = facts or model_facts(cfg.model)
+    adapter = adapter_sizes(cfg, facts)
+    if adapter is not None:  # the adapters' own parameters sit beside the base model's
+        facts = dataclasses.replace(facts, params=facts.params + adapter_count(cfg, planned_tasks(cfg)) * adapter[0])
     est = strategy_estimate(cfg, facts, planned_tasks(cfg))
     plan = assemble(cfg, facts, est, world, mode, ckpt, gpu)
     if gpu is not None and not plan.fits:

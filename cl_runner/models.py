@@ -95,7 +95,10 @@ def _pretrained(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
     return model, HFTokenizer(tok)
 
 
-def build_model(cfg: Any, label_space: Optional[LabelSpace] = None) -> ModelBundle:
+def build_model(cfg: Any, label_space: Optional[LabelSpace] = None,
+                adapter_names: Optional[list[str]] = None) -> ModelBundle:
+    """The model as `cfg` describes it; with model.adapter=lora, wrapped in PEFT with one LoRA
+    per name in `adapter_names` (None: one adapter), base weights frozen."""
     if cfg.kind == "classifier" and label_space is None:
         raise ModelLoadError("model.kind=classifier needs the stream's label space")
     num_labels = len(label_space) if label_space is not None else None
@@ -111,4 +114,8 @@ def build_model(cfg: Any, label_space: Optional[LabelSpace] = None) -> ModelBund
     family = str(getattr(model.config, "model_type", type(model).__name__)).lower()
     if cfg.kind == "causal" and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(cfg, "adapter", "none") == "lora":
+        from cl_runner.adapters import attach_lora
+
+        model = attach_lora(model, cfg.lora, cfg.kind, family, adapter_names)
     return ModelBundle(model=model, tokenizer=tokenizer, kind=cfg.kind, family=family, label_space=label_space)

@@ -58,6 +58,11 @@ def format_cost(metrics: dict[str, Any]) -> str:
     if metrics.get("peak_memory_bytes"):
         kind = "GPU" if metrics.get("peak_memory_kind") == "cuda_allocated" else "RSS"
         parts.append(f"peak memory {format_bytes(metrics['peak_memory_bytes'])} ({kind})")
+    adapter = metrics.get("adapter")
+    if adapter:
+        parts.append(f"trained {adapter['adapter_parameters']:,} adapter params ({adapter['kind']} r={adapter['r']} x "
+                     f"{adapter['adapters']} on {','.join(adapter['target_modules'])})"
+                     + (f" + {adapter['head_parameters']:,} head" if adapter.get("head_parameters") else ""))
     if metrics.get("strategy_extra_bytes"):
         parts.append(f"strategy state {format_bytes(metrics['strategy_extra_bytes'])}")
     return ("cost: " + "  ".join(parts)) if parts else ""
@@ -67,6 +72,10 @@ def save_final_model(loop: Any) -> Optional[str]:
     """The final weights as a Hugging Face folder (config, safetensors, tokenizer when it is
     a Hugging Face one) in <run>/final_model; every rank calls it, rank 0 writes."""
     model = loop.accelerator.unwrap_model(loop.model)
+    from cl_runner.adapters import is_adapted, merged_for_saving
+
+    if is_adapted(model):  # a plain transformers folder: the active LoRAs merged into the weights
+        model = merged_for_saving(model)
     if loop.sharded:
         from cl_runner.sharding import full_state_dict
 
@@ -82,6 +91,14 @@ def save_final_model(loop: Any) -> Optional[str]:
         hf_tokenizer.save_pretrained(folder)
     print(f"[cl-run] final model: {folder}", flush=True)
     return str(folder)
+
+
+def adapter_report(loop: Any) -> Optional[dict[str, Any]]:
+    """model.adapter's kind, rank, targets and parameter counts (None without an adapter)."""
+    from cl_runner.adapters import adapter_summary, is_adapted
+
+    model = loop.accelerator.unwrap_model(loop.model)
+    return adapter_summary(model) if is_adapted(model) else None
 
 
 def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Tracker) -> dict[str, Any]:
@@ -112,6 +129,7 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         "train_loss_curves": {name: curve for name, curve in zip(names, progress.loss_curves)},
         "strategy_extra_bytes": loop.strategy.extra_state_bytes(),
         "strategy_report": loop.strategy.report(),
+        "adapter": adapter_report(loop),
         "decoding": dict(loop.cfg.evaluation),
         **peak_memory_bytes(),
     })
@@ -133,7 +151,10 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         plot_forgetting_curves(progress.R, names, run_dir / "plots" / "forgetting_curves.png")
     except Exception as err:  # plots are a convenience; never lose the numbers for them
         print(f"[cl-run] warning: plots not written ({err})", file=sys.stderr)
-    tracker.summary({k: metrics.get(k) for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "wall_time_s")})
+    summary = {k: metrics.get(k) for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "wall_time_s")}
+    if metrics.get("adapter"):
+        summary["adapter_parameters"] = metrics["adapter"]["adapter_parameters"]
+    tracker.summary(summary)
     print("\n" + format_summary(progress.R, names, metrics))
     print(f"\n[cl-run] results: {run_dir}/metrics.json  R.csv  plots/  predictions/", flush=True)
     return metrics

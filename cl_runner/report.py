@@ -207,7 +207,8 @@ def load_run(path: Path) -> RunResult:
     return RunResult(
         path=path,
         run_id=str(data.get("run_id") or path.parent.name),
-        model=str(data["model"]),
+        # An adapter run is another model to compare against: tiny_llama+lora.
+        model=str(data["model"]) + (f"+{data['adapter']['kind']}" if isinstance(data.get("adapter"), dict) else ""),
         stream=str(data["task_stream"]),
         strategy=str(data["strategy"]),
         ACC=_number(data["ACC"], "ACC", path),

@@ -52,6 +52,10 @@ STRATEGIES: dict[str, list[str]] = {
     "opcm": ["strategy=opcm"],
     "continual_task_arithmetic": ["strategy=continual_task_arithmetic"],
     "continual_ties": ["strategy=continual_ties"],
+    # LoRA (r 8, alpha 32, q/v; docs/adapters.md) at O-LoRA's scripts' lr 1e-3: an adapter
+    # trains at a larger lr than full fine-tuning. Not yet measured on MiniLM.
+    "lora_seq_ft": ["model.adapter=lora", "trainer.lr=1e-3"],
+    "olora": ["strategy=olora", "trainer.lr=1e-3"],
 }
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from cl_runner.strategies import registry
 from cl_runner.strategies.base import Strategy, StrategyContext
-from cl_runner.strategies.stack import StrategyStack
+from cl_runner.strategies.stack import StrategyStack, describe, switch_off
 
 ADDON_KEYS = ("lr_schedule", "replay", "lines")
 
@@ -23,7 +23,11 @@ def build_strategy(cfg: Any) -> StrategyStack:
         if node is not None and node.get("enabled", False):
             members.append(addons[key].cls(node))
     stack = StrategyStack(members)
+    adapter = cfg.model.get("adapter", "none") if cfg.get("model") is not None else "none"
     for m in members:
+        if adapter != "none" and m.adapter_refusal:  # a strategy on the base weights, which an adapter freezes
+            raise ValueError(f"{describe(m)} cannot run with model.adapter={adapter}: {m.adapter_refusal}; "
+                             f"set model.adapter=none or {switch_off(m)}")
         check = getattr(m, "check_run_config", None)
         if check is not None:
             check(cfg)

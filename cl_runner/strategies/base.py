@@ -64,6 +64,9 @@ class Strategy:
     # parameter registered at wrap time must get a gradient each step unless unused
     # parameters are detected, so cl-run turns that detection on for such strategies.
     freezes_parameters: bool = False
+    # Why this strategy cannot run on adapter weights (model.adapter=lora), or None if it can.
+    # Checked by build_strategy before anything is built.
+    adapter_refusal: Optional[str] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
@@ -72,6 +75,11 @@ class Strategy:
         self.carry_optimizer = bool(getattr(config, "carry_optimizer", type(self).carry_optimizer))
 
     # -- life cycle ---------------------------------------------------------------
+    def adapter_names(self, num_tasks: int) -> Optional[list[str]]:
+        """With model.adapter=lora: the named adapters to create before the model is wrapped
+        (O-LoRA: one per task), or None for one adapter trained throughout."""
+        return None
+
     def setup(self, ctx: StrategyContext) -> None:
         self.ctx = ctx
 

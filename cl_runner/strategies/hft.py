@@ -208,6 +208,8 @@ def choose_frozen_modules(units: dict, ratio: float, rng: random.Random) -> list
 
 @register("hft", config=HFTConfig)
 class HalfFineTuning(Strategy):
+    adapter_refusal = "it freezes half of the base model's modules, which an adapter already freezes in full"
+
     def __init__(self, config: HFTConfig) -> None:
         super().__init__(config)
         require_choice(config.granularity, "strategy.granularity", GRANULARITIES)

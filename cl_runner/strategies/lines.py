@@ -98,6 +98,9 @@ def scale_task_vector_(params: Mapping[str, torch.Tensor], reference: Mapping[st
 
 @register("lines", config=LinesConfig, kind=ADDON)
 class LayerScaling(Strategy):
+    adapter_refusal = ("it rescales the task vector of the base weights block by block, and under an adapter the base "
+                       "weights do not move")
+
     def __init__(self, config: LinesConfig) -> None:
         super().__init__(config)
         for key, allowed in (("head_scale", HEAD_SCALES), ("reference", REFERENCES), ("apply_to", APPLY_TO)):

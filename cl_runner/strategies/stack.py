@@ -84,6 +84,9 @@ class StrategyStack(Strategy):
     def base(self) -> Strategy:
         return self.members[0]
 
+    def adapter_names(self, num_tasks: int) -> Optional[list[str]]:
+        return self._single_choice("adapter_names", num_tasks)
+
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
         for m in self.members:

@@ -31,6 +31,10 @@ CASES = {
     # The anneal takes the global batch in lock-step like training; annealed weights are kept.
     "hft+infinite_annealed": ["strategy=hft", "lr_schedule.enabled=true", "lr_schedule.curve=infinite",
                               "lr_schedule.anneal_steps=2", "lr_schedule.resume_from=annealed"],
+    # LoRA dropout off, like the model's: one process draws other masks than two would.
+    "lora_seq_ft": ["model.adapter=lora", "model.lora.dropout=0"],
+    # One LoRA per task, all created before DDP wraps the model: task 2's must be synchronised too.
+    "olora": ["strategy=olora", "model.lora.dropout=0"],
 }
 
 

@@ -131,6 +131,9 @@ def _sync(device: torch.device) -> None:
 
 @register("svd_orthogonal", config=SVDOrthogonalConfig)
 class SVDOrthogonal(Strategy):
+    adapter_refusal = ("it decomposes and projects the full weight matrices, which stay frozen under an adapter "
+                       "(a LoRA update is already low-rank)")
+
     def __init__(self, config: SVDOrthogonalConfig) -> None:
         super().__init__(config)
         c, r = config, config.rank
