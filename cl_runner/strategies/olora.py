@@ -27,6 +27,7 @@ from torch import nn
 from cl_runner.strategies.base import Batch, Strategy, StrategyContext
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
+from cl_runner.checks import require, require_choice
 
 FORMS = ("abs", "squared")
 
@@ -79,14 +80,11 @@ class OrthogonalLoRA(Strategy):
 
     def __init__(self, config: OLoRAConfig) -> None:
         super().__init__(config)
-        if config.orthogonality not in FORMS:
-            raise ValueError(f"bad value for 'strategy.orthogonality': {config.orthogonality!r}; choose one of: "
-                             f"{', '.join(FORMS)} (abs: the authors' code, squared: the paper's Eq. 3)")
+        require_choice(config.orthogonality, "strategy.orthogonality", FORMS)
         for key in ("lambda_1", "lambda_2"):
             value = getattr(config, key)
-            if not value >= 0 or value == float("inf"):
-                raise ValueError(f"bad value for 'strategy.{key}': {value!r}; use a finite value >= 0 "
-                                 f"(the authors use lambda_1=0.5, lambda_2=0)")
+            require(value >= 0 and value != float("inf"), f"strategy.{key}", value,
+                    "use a finite value >= 0 (the authors use lambda_1=0.5, lambda_2=0)")
         self.names: list[str] = []
         self.current = 0
         # residuals[t][i] = (frobenius, relative) of tasks t and i < t, over all layers together.
