@@ -682,6 +682,17 @@ def assemble(cfg: Any, facts: ModelFacts, est: StrategyEstimate, world_size: int
                         f"AdamW exp_avg + exp_avg_sq in {dtype} (torch keeps them in the weights' dtype)"))
     else:
         rows.append(row("optimizer state", T * est.optimizer_bytes_per_param, est.optimizer_note))
+    anneal = cfg.get("lr_schedule")
+    if anneal is not None and anneal.get("enabled") and anneal.get("curve") == "infinite" \
+            and int(anneal.get("anneal_steps", 0)) > 0:
+        # The anneal steps a copy of the optimizer state, and one spare copy of the weights
+        # holds the annealed (or the trained) weights while the other is in the model.
+        optimizer_bytes = rows[-1].unsharded_bytes
+        spare = 0 if anneal.get("backup_on_cpu") else P * pb
+        rows.append(row("anneal copies (infinite schedule)", optimizer_bytes + spare,
+                        "lr_schedule.curve=infinite: the anneal's copy of the optimizer state"
+                        + ("; the spare weights are in host memory (backup_on_cpu)" if not spare
+                           else f" and one spare copy of the weights ({dtype})")))
     own = est.sharded(world_size) if sharding == "fsdp" and est.sharded is not None else None
     if own is None:
         rows.append(row(f"strategy state ({est.name})", est.state_bytes, "; ".join(est.notes)))

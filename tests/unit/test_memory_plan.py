@@ -290,3 +290,21 @@ def test_dry_run_without_model_sizes_says_why_and_still_succeeds(capsys, tmp_pat
 def test_format_plan_has_a_total(tiny_facts):
     text = format_plan(build_plan(cfg_for("model=tiny_llama"), facts=tiny_facts))
     assert "total per rank" in text and "activations (rough est.)" in text
+
+
+def test_infinite_schedule_counts_the_anneal_copies():
+    """The anneal steps a copy of the optimizer state next to a spare copy of the weights."""
+    from cl_runner.config import validate
+    from cl_runner.memory_plan import build_plan
+    from tests.helpers import compose
+
+    base = ["model=tiny_llama", "lr_schedule.enabled=true"]
+    plain = build_plan(validate(compose(base)))
+    infinite = build_plan(validate(compose(base + ["lr_schedule.curve=infinite"])))
+    rows = {r.name: r for r in infinite.rows}
+    optimizer = rows["optimizer state"].per_rank_bytes
+    parameters = rows["parameters"].per_rank_bytes
+    assert rows["anneal copies (infinite schedule)"].per_rank_bytes == optimizer + parameters
+    assert infinite.per_rank_total - plain.per_rank_total == optimizer + parameters
+    on_cpu = build_plan(validate(compose(base + ["lr_schedule.curve=infinite", "lr_schedule.backup_on_cpu=true"])))
+    assert {r.name: r for r in on_cpu.rows}["anneal copies (infinite schedule)"].per_rank_bytes == optimizer
