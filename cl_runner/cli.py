@@ -20,7 +20,7 @@ from cl_runner.config import ConfigError, validate
 from cl_runner.config_paths import package_configs
 from cl_runner.models import ModelLoadError
 from cl_runner.streams.records import RecordError
-from cl_runner.tracking import RunFolderError
+from cl_runner.results.tracking import RunFolderError
 
 PACKAGE_CONFIGS = package_configs()
 
@@ -130,7 +130,7 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
 
 
 def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
-    from cl_runner.tracking import new_run_folder
+    from cl_runner.results.tracking import new_run_folder
 
     if resuming:
         return Path(cfg.resume)
@@ -159,8 +159,8 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
     apply_cpu_threads(cfg.trainer.cpu_threads)  # first, before any parallel work in this process
     from cl_runner.loop import ContinualLoop
     from cl_runner.ops_setup import configure_ops
-    from cl_runner.outputs import finish_run
-    from cl_runner.tracking import discard_unstarted_run, make_tracker
+    from cl_runner.results.summary import finish_run
+    from cl_runner.results.tracking import discard_unstarted_run, make_tracker
 
     configure_ops(cfg.ops)
     accelerator = make_accelerator(cfg, strategy)

@@ -32,7 +32,7 @@ from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
 from cl_runner.streams.build import build_stream
 from cl_runner.streams.records import RecordError
 from cl_runner.streams.task import Example, Task, TaskStream
-from cl_runner.tracking import Tracker, write_item_scores, write_predictions
+from cl_runner.results.tracking import Tracker, write_item_scores, write_predictions
 
 
 class TrainingDivergedError(RuntimeError):

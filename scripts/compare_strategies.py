@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     baseline = []
     if several and args.baseline != "none" and any(f.name.startswith(f"{args.baseline}_s") for f in folders):
         baseline = ["--baseline", args.baseline]
-    report = subprocess.run([sys.executable, "-m", "cl_runner.report", str(runs_dir), "--out", str(out),
+    report = subprocess.run([sys.executable, "-m", "cl_runner.results.report", str(runs_dir), "--out", str(out),
                              "--format", "markdown", *baseline], check=True, capture_output=True, text=True)
     command = " ".join(["python scripts/compare_strategies.py", f"--preset {args.preset}",
                         "--data-dir DATA" if args.data_dir else "",

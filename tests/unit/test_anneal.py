@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cl_runner.loop import ContinualLoop
-from cl_runner.tracking import Tracker
+from cl_runner.results.tracking import Tracker
 from tests.helpers import compose
 from tests.unit.test_svd_orthogonal import logical, top_k
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from cl_runner.config import ConfigError, check_lengths, position_limit, validate
-from cl_runner.tracking import RunFolderError, new_run_folder
+from cl_runner.results.tracking import RunFolderError, new_run_folder
 from tests.helpers import compose
 
 

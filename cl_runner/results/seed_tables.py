@@ -6,8 +6,8 @@ import csv
 import io
 from typing import Callable, Optional, Sequence
 
-from cl_runner.formatting import SIGNED_METRICS, format_interval, format_metric, markdown_table, text_table
-from cl_runner.seed_groups import METRICS, Difference, SeedGroup
+from cl_runner.results.formatting import SIGNED_METRICS, format_interval, format_metric, markdown_table, text_table
+from cl_runner.results.seed_groups import METRICS, Difference, SeedGroup
 
 GROUP_HEADERS = ("strategy", "model", "seeds", *METRICS)
 DIFF_HEADERS = ("strategy", "model", "pairs", *(f"Δ{m}" for m in METRICS))

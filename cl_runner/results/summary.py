@@ -9,8 +9,8 @@ from typing import Any, Optional
 import torch
 
 from cl_runner.checkpoint import Progress
-from cl_runner.formatting import format_named_metric
-from cl_runner.tracking import Tracker, write_accuracy_csv, write_json
+from cl_runner.results.formatting import format_named_metric
+from cl_runner.results.tracking import Tracker, write_accuracy_csv, write_json
 
 
 def peak_memory_bytes() -> dict[str, Any]:
@@ -46,7 +46,7 @@ def format_summary(R: list[list[Any]], task_names: list[str], metrics: dict[str,
 def format_cost(metrics: dict[str, Any]) -> str:
     """What the run cost, on one line: time (train / eval), throughput, peak memory and the
     strategy's own state, e.g. `cost: 28.4s (train 26.4s, eval 0.2s)  1.2 GiB peak  ...`."""
-    from cl_runner.formatting import format_bytes, format_duration
+    from cl_runner.results.formatting import format_bytes, format_duration
 
     parts = []
     if metrics.get("wall_time_s") is not None:
@@ -144,7 +144,7 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     write_json(run_dir / "metrics.json", metrics)
     write_accuracy_csv(run_dir / "R.csv", progress.R, names)
     try:
-        from cl_runner.plots import plot_accuracy_matrix, plot_forgetting_curves
+        from cl_runner.results.plots import plot_accuracy_matrix, plot_forgetting_curves
 
         (run_dir / "plots").mkdir(exist_ok=True)
         plot_accuracy_matrix(progress.R, names, run_dir / "plots" / "accuracy_matrix.png", title=metrics["strategy"])
