@@ -47,6 +47,24 @@ class TaskPlan:
     steps: int
 
 
+@dataclass
+class ResumeState:
+    """What a restored checkpoint hands the loop besides the weights and the strategy's
+    state (already loaded): where to continue, and the optimizer, scheduler and RNG states
+    to continue with. `optimizer` is a state dict, or a sharded checkpoint's folder."""
+
+    progress: Progress
+    optimizer: Any = None
+    scheduler: Optional[dict] = None
+    rng: Any = None
+
+    @property
+    def mid_task(self) -> bool:
+        """Stopped inside a task (its next step comes from the checkpoint's optimizer and
+        scheduler); else at a task boundary."""
+        return not self.progress.task_done and self.progress.step > 0
+
+
 def epochs_for(trainer: Any, t: int) -> float:
     epochs = trainer.epochs
     if isinstance(epochs, (int, float)):
@@ -62,6 +80,49 @@ def shuffled_stream(examples: list[Example], seed: int, t: int) -> Iterator[Exam
     """Endless epochs of `examples`, each reshuffled with a seed fixed by (seed, t, epoch)."""
     for i in EndlessShuffle(len(examples), seed_of_pass=lambda epoch: f"{seed}:{t}:{epoch}"):
         yield examples[i]
+
+
+def plan_task(t: int, task: Task, strategy: StrategyStack, trainer: Any, world: int, seed: int) -> TaskPlan:
+    """Task t's micro-batches and optimizer steps: the strategy's examples (multitask's
+    union), the trainer's step count or epochs over the global batch (trainer.batch_size
+    per process), reshuffled by (seed, t), then the strategy's batch rewrite (replay)."""
+    examples = strategy.train_examples(t, task, task.train)
+    if not examples:
+        return TaskPlan([], 0)
+    global_batch = trainer.batch_size * world
+    accum = trainer.grad_accum
+    if trainer.steps_per_task:
+        steps = int(trainer.steps_per_task)
+    else:
+        steps = math.ceil(math.ceil(epochs_for(trainer, t) * len(examples) / global_batch) / accum)
+    steps = strategy.num_train_steps(t, steps)
+    source = shuffled_stream(examples, seed, t)
+    raw = ([next(source) for _ in range(global_batch)] for _ in range(steps * accum))
+    return TaskPlan(list(strategy.compose_batches(t, raw)), steps)
+
+
+def trainer_lr_factor(trainer: Any, steps: int) -> Callable[[int], float]:
+    """step -> multiplier of trainer.lr: linear warm-up over warmup_ratio of the task's
+    steps, then constant, linear or cosine decay (the trainer's own per-task schedule)."""
+    warmup = int(trainer.warmup_ratio * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if trainer.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        if trainer.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_adamw(params: list[torch.nn.Parameter], trainer: Any) -> torch.optim.AdamW:
+    """The trainer's AdamW (every strategy that keeps AdamW trains with this one)."""
+    return torch.optim.AdamW(params, lr=trainer.lr, weight_decay=trainer.weight_decay,
+                             betas=tuple(trainer.adam_betas), eps=trainer.adam_eps)
 
 
 def check_scorers(stream: TaskStream) -> None:
@@ -130,6 +191,8 @@ class ContinualLoop:
     def run(self, resume: bool = False) -> Progress:
         """Train and evaluate the whole stream; returns the final progress (R inside)."""
         restored = self._restore() if resume else None
+        if restored is not None:
+            self.progress = restored.progress
         if self.is_main:
             self._warn_cut_prompts()
         if not self._row_filled(0):
@@ -137,14 +200,15 @@ class ContinualLoop:
         start = self.progress.task + 1 if self.progress.task_done else self.progress.task
         for t in range(start, len(self.stream)):
             task = self.stream[t]
-            mid_task = restored is not None and t == restored.task and not restored.task_done and restored.step > 0
-            self._train_task(t, task, resume_payload=self._payload if mid_task else None)
+            # A restored state continues the task it stopped in (mid-task: its optimizer and
+            # scheduler; at a boundary with carry_optimizer: the optimizer's moments).
+            continuing = restored if restored is not None and t == start else None
+            self._train_task(t, task, continuing)
             self.strategy.after_task(t, task)
             with self.strategy.evaluation_weights(t):
                 self._evaluate_row(t + 1)
             self.progress.task, self.progress.step, self.progress.task_done = t, 0, True
             self._checkpoint()
-        self._payload = None
         return self.progress
 
     def _warn_cut_prompts(self) -> None:
@@ -164,22 +228,7 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ training
     def plan_task(self, t: int, task: Task) -> TaskPlan:
-        examples = self.strategy.train_examples(t, task, task.train)
-        world = self.accelerator.num_processes
-        global_batch = self.trainer.batch_size * world
-        accum = self.trainer.grad_accum
-        if not examples:
-            return TaskPlan([], 0)
-        if self.trainer.steps_per_task:
-            steps = int(self.trainer.steps_per_task)
-        else:
-            micro = math.ceil(epochs_for(self.trainer, t) * len(examples) / global_batch)
-            steps = math.ceil(micro / accum)
-        steps = self.strategy.num_train_steps(t, steps)
-        source = shuffled_stream(examples, self.cfg.seed, t)
-        raw = ([next(source) for _ in range(global_batch)] for _ in range(steps * accum))
-        batches = list(self.strategy.compose_batches(t, raw))
-        return TaskPlan(batches, steps)
+        return plan_task(t, task, self.strategy, self.trainer, self.accelerator.num_processes, self.cfg.seed)
 
     def _build_optimizer(self) -> None:
         named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
@@ -188,49 +237,33 @@ class ContinualLoop:
         if chosen is None:
             if previous is not None:
                 return
-            tr = self.trainer
-            chosen = torch.optim.AdamW([p for _, p in named], lr=tr.lr, weight_decay=tr.weight_decay,
-                                       betas=tuple(tr.adam_betas), eps=tr.adam_eps)
+            chosen = build_adamw([p for _, p in named], self.trainer)
         self.optimizer = chosen
 
     def _lr_lambda(self, t: int, steps: int) -> Callable[[int], float]:
         custom = self.strategy.lr_lambda(t, steps)
-        if custom is not None:
-            return custom
-        tr = self.trainer
-        warmup = int(tr.warmup_ratio * steps)
+        return custom if custom is not None else trainer_lr_factor(self.trainer, steps)
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if tr.schedule == "constant":
-                return 1.0
-            progress = (step - warmup) / max(1, steps - warmup)
-            if tr.schedule == "linear":
-                return max(0.0, 1.0 - progress)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        return factor
-
-    def _train_task(self, t: int, task: Task, resume_payload: Optional[dict] = None) -> None:
+    def _train_task(self, t: int, task: Task, restored: Optional[ResumeState] = None) -> None:
         started = time.perf_counter()
-        if resume_payload is None:
+        mid_task = restored is not None and restored.mid_task
+        if not mid_task:
             self.strategy.before_task(t, task)
         plan = self.plan_task(t, task)
         self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(t, plan.steps))
         first_step = 0
-        if resume_payload is not None:
-            if resume_payload["optimizer"] is not None:
-                self._load_optimizer_state(resume_payload["optimizer"])
-            if resume_payload["scheduler"] is not None:
-                self.scheduler.load_state_dict(resume_payload["scheduler"])
-            set_rng_state(resume_payload["rng"])
+        if mid_task:
+            if restored.optimizer is not None:
+                self._load_optimizer_state(restored.optimizer)
+            if restored.scheduler is not None:
+                self.scheduler.load_state_dict(restored.scheduler)
+            set_rng_state(restored.rng)
             first_step = self.progress.step
-        elif self._carried_optimizer_state is not None and self.optimizer is not None:
+        elif restored is not None and restored.progress.task_done and restored.optimizer is not None \
+                and self.strategy.carry_optimizer:
             # Resumed at a task boundary with carry_optimizer: continue its moments.
-            self._load_optimizer_state(self._carried_optimizer_state)
-            self._carried_optimizer_state = None
+            self._load_optimizer_state(restored.optimizer)
         optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False)
         self.model.train()
         bar = tqdm(total=plan.steps, initial=first_step, desc=f"task {t + 1}/{len(self.stream)} {task.name}",
@@ -453,10 +486,7 @@ class ContinualLoop:
             self.scheduler.state_dict() if self.scheduler is not None else None,
             self.strategy.state_dict(), keep=self.trainer.keep_checkpoints)
 
-    _payload: Optional[dict] = None
-    _carried_optimizer_state: Optional[dict] = None
-
-    def _restore_sharded(self) -> Optional[Progress]:
+    def _restore_sharded(self) -> Optional[ResumeState]:
         """The newest readable sharded checkpoint, re-sharded to this run's processes."""
         from cl_runner.checkpoint import CorruptCheckpointError
         from cl_runner.sharded_checkpoint import (load_model_and_strategy, rank_rng_state, read_meta,
@@ -470,25 +500,22 @@ class ContinualLoop:
                     print(f"[cl-run] warning: {err}; trying the checkpoint before it", file=sys.stderr, flush=True)
                 continue
             self.strategy.load_state_dict(load_model_and_strategy(path, meta, self.model))
-            self.progress = meta["progress"]
-            rng = rank_rng_state(meta)
-            if self.progress.task_done:
-                set_rng_state(rng)
-                if self.strategy.carry_optimizer and meta["has_optimizer"]:
-                    self._carried_optimizer_state = path
-            self._payload = {"optimizer": path if meta["has_optimizer"] else None,
-                             "scheduler": meta["scheduler"], "rng": rng}
+            state = ResumeState(meta["progress"], optimizer=path if meta["has_optimizer"] else None,
+                                scheduler=meta["scheduler"], rng=rank_rng_state(meta))
+            if state.progress.task_done:
+                set_rng_state(state.rng)
             if self.is_main:
-                where = "end of" if self.progress.task_done else f"step {self.progress.step} of"
+                progress = state.progress
+                where = "end of" if progress.task_done else f"step {progress.step} of"
                 print(f"[cl-run] resuming from {path.name} (saved by {meta['world_size']} process(es)): "
-                      f"{where} task {self.progress.task + 1}", flush=True)
+                      f"{where} task {progress.task + 1}", flush=True)
                 world = self.accelerator.num_processes
                 if meta["world_size"] != world:
                     print(f"[cl-run] warning: saved by {meta['world_size']} process(es), resumed on {world}: "
                           f"trainer.batch_size={self.trainer.batch_size} is per process, so the global batch is now "
                           f"{self.trainer.batch_size * world} (was {self.trainer.batch_size * meta['world_size']})",
                           file=sys.stderr, flush=True)
-            return self.progress
+            return state
         return None
 
     def _load_optimizer_state(self, state: Any) -> None:
@@ -500,7 +527,9 @@ class ContinualLoop:
         else:
             self.optimizer.load_state_dict(state)
 
-    def _restore(self) -> Optional[Progress]:
+    def _restore(self) -> Optional[ResumeState]:
+        """Loads the newest readable checkpoint's weights and strategy state; returns where
+        to continue and with which optimizer, scheduler and RNG states (None: nothing saved)."""
         if self.sharded:
             return self._restore_sharded()
         say = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main else (lambda line: None)
@@ -510,13 +539,12 @@ class ContinualLoop:
         path, payload = found
         self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
         self.strategy.load_state_dict(payload["strategy"])
-        self.progress = payload["progress"]
-        if self.progress.task_done:
-            set_rng_state(payload["rng"])
-            if self.strategy.carry_optimizer:
-                self._carried_optimizer_state = payload["optimizer"]
-        self._payload = payload
+        state = ResumeState(payload["progress"], optimizer=payload["optimizer"], scheduler=payload["scheduler"],
+                            rng=payload["rng"])
+        if state.progress.task_done:
+            set_rng_state(state.rng)
         if self.is_main:
-            where = "end of" if self.progress.task_done else f"step {self.progress.step} of"
-            print(f"[cl-run] resuming from {path.name}: {where} task {self.progress.task + 1}", flush=True)
-        return self.progress
+            progress = state.progress
+            where = "end of" if progress.task_done else f"step {progress.step} of"
+            print(f"[cl-run] resuming from {path.name}: {where} task {progress.task + 1}", flush=True)
+        return state

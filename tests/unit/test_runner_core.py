@@ -148,23 +148,20 @@ def test_checkpoint_names_sort_in_stream_order(tmp_path):
 
 
 def test_batch_plan_counts_epochs_and_accumulation():
-    from cl_runner.loop import ContinualLoop
+    from cl_runner.loop import plan_task
     from cl_runner.strategies.seq_ft import SeqFTConfig, SequentialFineTuning
     from cl_runner.strategies.stack import StrategyStack
 
-    loop = ContinualLoop.__new__(ContinualLoop)  # only the planning state, no model
-    loop.trainer = SimpleNamespace(batch_size=4, grad_accum=2, epochs=1.5, steps_per_task=None)
-    loop.accelerator = SimpleNamespace(num_processes=1)
-    loop.cfg = SimpleNamespace(seed=0)
-    loop.strategy = StrategyStack([SequentialFineTuning(SeqFTConfig())])
+    trainer = SimpleNamespace(batch_size=4, grad_accum=2, epochs=1.5, steps_per_task=None)
+    strategy = StrategyStack([SequentialFineTuning(SeqFTConfig())])
     t = task("t", answers=[str(i) for i in range(20)])
-    plan = loop.plan_task(0, t)
+    plan = plan_task(0, t, strategy, trainer, world=1, seed=0)
     # 1.5 epochs of 20 examples = 30 examples -> 8 micro-batches of 4 -> 4 optimizer steps.
     assert plan.steps == 4 and len(plan.batches) == 8 and all(len(b) == 4 for b in plan.batches)
     # Each epoch visits every example once before repeating.
     seen = [e.answer for b in plan.batches for e in b]
     assert sorted(seen[:20]) == sorted(str(i) for i in range(20))
-    assert loop.plan_task(0, t).batches == plan.batches  # deterministic
+    assert plan_task(0, t, strategy, trainer, world=1, seed=0).batches == plan.batches  # deterministic
 
 
 def test_summary_ends_with_what_the_run_cost():
