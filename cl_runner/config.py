@@ -136,6 +136,10 @@ class EvaluationConfig:
     max_new_tokens: Optional[int] = None
     batch_size: int = 64
     save_predictions: bool = True
+    # Tasks scored at every row of R (before training too) but never trained: is general
+    # ability kept? Names of tasks in the stream's format (e.g. sst-2 for an O-LoRA
+    # stream, loaded like its tasks) or custom task entries (as task_stream.tasks).
+    monitor: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -396,8 +400,22 @@ def check_run_shape(cfg: DictConfig) -> None:
         names = planned_task_names(cfg.task_stream)
     except ValueError as err:
         raise ConfigError(f"task_stream.tasks: {err}") from None
+    check_monitor(cfg)
     if names is None:
         return
     repeated = sorted({n for n in names if names.count(n) > 1})
     _check(not repeated, "task_stream.order", names, f"{', '.join(repeated)} appear(s) twice; each task may appear once")
     check_epochs(tr, names)
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """evaluation.monitor: names or entries, none repeated, none also trained."""
+    from cl_runner.streams.build import planned_monitor_names
+
+    if not cfg.evaluation.monitor:
+        return
+    try:
+        planned_monitor_names(list(cfg.evaluation.monitor), cfg.task_stream)
+    except ValueError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith("evaluation.monitor") else f"evaluation.monitor: {msg}") from None

@@ -56,6 +56,14 @@ class RunResult:
     settings: str = ""  # what sets it apart from runs of the same strategy (a sweep's values)
     tasks: Optional[tuple] = None  # the ordered task names (metrics.json, else R.csv)
     environment: dict = field(default_factory=dict)  # metrics.json's, else environment.json
+    # evaluation.monitor (tasks scored but never trained): {task: (before training, at the end)}
+    monitor: dict = field(default_factory=dict)
+
+    @property
+    def monitor_change(self) -> Optional[float]:
+        """Mean change of the monitor scores from before training to the end."""
+        changes = [end - start for start, end in self.monitor.values() if start is not None and end is not None]
+        return sum(changes) / len(changes) if changes and len(changes) == len(self.monitor) else None
 
     @property
     def group(self) -> tuple:
@@ -208,7 +216,17 @@ def load_run(path: Path) -> RunResult:
         config=load_run_config(path.parent),
         tasks=tuple(str(t) for t in tasks) if isinstance(tasks, list) else None,
         environment=environment if isinstance(environment, dict) else load_environment(path.parent),
+        monitor=_monitor_scores(data, path),
     )
+
+
+def _monitor_scores(data: dict, path: Path) -> dict:
+    """{monitor task: (score before training, score at the end)} from metrics.json."""
+    rows, names = data.get("monitor"), data.get("monitor_tasks")
+    if not rows or not isinstance(names, list) or not isinstance(rows, list):
+        return {}
+    first, last = rows[0], rows[-1]
+    return {str(n): (_number(a, "monitor", path), _number(b, "monitor", path)) for n, a, b in zip(names, first, last)}
 
 
 def _is_run_folder(folder: Path) -> bool:
@@ -394,6 +412,21 @@ def _environment_value(key: str, value) -> str:
     return str(value)[:10] if key == "git_commit" else str(value)
 
 
+def monitor_note(runs: Sequence[RunResult]) -> str:
+    """The never-trained monitor tasks of each run that has them, before -> after:
+    `monitor (never trained): run-a sst-2 0.512 -> 0.498 (-0.014); run-b ...`."""
+    parts = []
+    for run in runs:
+        if not run.monitor:
+            continue
+        cells = []
+        for name, (start, end) in run.monitor.items():
+            change = f" ({end - start:+.3f})" if start is not None and end is not None else ""
+            cells.append(f"{name} {_fmt(start)} -> {_fmt(end)}{change}")
+        parts.append(f"{run.run_id} {', '.join(cells)}")
+    return ("monitor (never trained): " + "; ".join(parts)) if parts else ""
+
+
 def environment_note(runs: Sequence[RunResult]) -> str:
     """`environment differs: torch 2.13.0 vs 2.14.1 (run-c), torch_threads 2 vs 1 (run-c)`:
     the most common value first; every value but a majority's names its runs. Empty
@@ -421,7 +454,7 @@ def environment_note(runs: Sequence[RunResult]) -> str:
 CSV_COLUMNS = (
     "stream", "model", "strategy", "run", "ACC", "gap_to_multitask", "reference_run", "BWT", "FWT",
     "forgetting", "LA", "num_tasks", "wall_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
-    "settings", "tasks",
+    "settings", "tasks", "monitor_change",
 )
 
 
@@ -436,7 +469,7 @@ def csv_text(groups: dict[tuple, list[RunResult]]) -> str:
                 r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
                 r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
                 r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path, r.settings,
-                " ".join(r.tasks) if r.tasks else None,
+                " ".join(r.tasks) if r.tasks else None, r.monitor_change,
             ]
             writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()
@@ -453,7 +486,7 @@ def render(groups: dict[tuple, list[RunResult]], fmt: str) -> str:
     blocks = []
     for group, runs in groups.items():
         rows = [table_row(r) for r in runs]
-        notes = "\n".join(n for n in (_reference_note(runs), environment_note(runs)) if n)
+        notes = "\n".join(n for n in (_reference_note(runs), monitor_note(runs), environment_note(runs)) if n)
         if fmt == "markdown":
             notes = notes.replace("\n", "\n\n")
             blocks.append(f"### {group_label(group)} ({_count(runs)})\n\n{render_markdown(rows)}\n\n{notes}")
