@@ -128,7 +128,7 @@ class ContinualLoop:
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)
         self.progress = Progress(R=[[None] * T for _ in range(T + 1)],
-                                 monitor=[[None] * len(self.monitor) for _ in range(T + 1)])
+                                 monitor=[[None] * len(self.monitor) for _ in range(T + 1)] if self.monitor else [])
 
     # ------------------------------------------------------------------ public
     @property
