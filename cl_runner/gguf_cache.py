@@ -45,19 +45,20 @@ def cache_root(cache_dir: Optional[str]) -> Path:
     return Path(base) / "cl-runner"
 
 
-def file_key(gguf_path: Path) -> str:
+def file_key(gguf_path: Path, variant: str = "") -> str:
     """The identity of a GGUF file: resolved path, size and mtime (ns), hashed. Cheap (no
-    read of the file) and changes when the file is replaced or rewritten."""
+    read of the file) and changes when the file is replaced or rewritten. `variant`: the
+    model class it is converted to (a causal and a seq2seq copy never share an entry)."""
     path = gguf_path.resolve()
     st = path.stat()
-    ident = f"{CACHE_FORMAT}|{path}|{st.st_size}|{st.st_mtime_ns}"
+    ident = f"{CACHE_FORMAT}|{path}|{st.st_size}|{st.st_mtime_ns}|{variant}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def cache_entry(gguf_path: Path, cache_dir: Optional[str]) -> Path:
+def cache_entry(gguf_path: Path, cache_dir: Optional[str], variant: str = "AutoModelForCausalLM") -> Path:
     """The folder the converted model of `gguf_path` lives in (whether or not it exists)."""
     stem = gguf_path.name[: -len(".gguf")] if gguf_path.name.endswith(".gguf") else gguf_path.name
-    return cache_root(cache_dir) / "gguf" / f"{stem}-{file_key(gguf_path)}"
+    return cache_root(cache_dir) / "gguf" / f"{stem}-{file_key(gguf_path, variant)}"
 
 
 def is_complete(entry: Path) -> bool:
@@ -129,7 +130,7 @@ def converted_folder(gguf_path: Path, cache_dir: Optional[str], auto_class: Any,
     if not gguf_path.is_file():
         raise GGUFError(f"model.gguf_file: {str(gguf_path)!r} does not exist or is not a file; point it at a .gguf "
                         "file (a path, a file name inside model.path, or pkg://<package>/<file>.gguf)")
-    entry = cache_entry(gguf_path, cache_dir)
+    entry = cache_entry(gguf_path, cache_dir, auto_class.__name__)
     if not is_complete(entry):
         if entry.exists():  # an incomplete entry (not written by this code): replace it
             shutil.rmtree(entry, ignore_errors=True)

