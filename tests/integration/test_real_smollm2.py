@@ -29,6 +29,7 @@ def test_smollm2_learns_a_task_as_generation(smollm2_sst2):
     metrics, run_dir = smollm2_sst2
     R = metrics["R"]
     before, after = R[0][0], R[1][0]
+    print(f"SmolLM2 on SST-2: {before:.3f} -> {after:.3f}; task time {metrics['task_time_s']}")
     assert after > before, f"SST-2 score did not rise with training: {before} -> {after}"
     assert after >= 0.5, f"SST-2 after training: {after} (two labels)"
     # The answers are label words now: the model learned the format, not just luck.
