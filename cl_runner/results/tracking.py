@@ -94,10 +94,13 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_accuracy_csv(path: Path, R: list[list[Optional[float]]], task_names: list[str]) -> None:
+def write_accuracy_csv(path: Path, R: list[list[Optional[float]]], task_names: list[str],
+                       columns: Optional[list[str]] = None) -> None:
+    """R (or another matrix with one row per row of R, e.g. the monitor scores, whose
+    task names are `columns`) as CSV."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["tasks_learned", "after"] + task_names)
+        writer.writerow(["tasks_learned", "after"] + list(columns if columns is not None else task_names))
         for i, row in enumerate(R):
             after = "before training" if i == 0 else task_names[i - 1]
             writer.writerow([i, after] + ["" if v is None else f"{v:.6f}" for v in row])

@@ -81,3 +81,68 @@ def build_stream(cfg: Any, model_kind: str, seed: int) -> TaskStream:
     if len(set(names)) != len(names):
         raise ValueError(f"task_stream.order: task names repeat ({names}); each task may appear once")
     return TaskStream(name=cfg.name, tasks=tasks)
+
+
+def _monitor_entries(entries: Any) -> tuple[list[str], list[dict]]:
+    """evaluation.monitor split into names (tasks of the stream's own format) and task
+    entries (custom-stream entries: a file or folder, or a Hugging Face dataset)."""
+    names, custom = [], []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            if not entry.strip():
+                raise ValueError(f"evaluation.monitor[{i}] is empty; name a task or give a task entry")
+            names.append(entry)
+        elif hasattr(entry, "keys"):
+            custom.append(dict(entry))
+        else:
+            raise ValueError(f"evaluation.monitor[{i}] is {entry!r}: give a task name (a task of the stream's format, "
+                             "e.g. sst-2 for an O-LoRA stream) or a task entry like task_stream.tasks of a custom stream")
+    return names, custom
+
+
+def planned_monitor_names(entries: Any, stream_cfg: Any) -> list[str]:
+    """The monitor tasks' names as the config tells (O-LoRA names in lower case, as the
+    loader names them); ValueError names the problem (repeats, a task also trained)."""
+    from cl_runner.streams.custom import check_entries
+
+    names, custom = _monitor_entries(entries)
+    if names and stream_cfg.kind == "custom":
+        raise ValueError(f"evaluation.monitor names {names}, but a custom stream has no task registry to take them "
+                         "from; give each monitor task as an entry (name, path, ...) like task_stream.tasks")
+    if stream_cfg.kind == "olora":
+        names = [n.lower() for n in names]
+    all_names = names + [e["name"] for e in check_entries(custom)] if custom else names
+    repeated = sorted({n for n in all_names if all_names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"evaluation.monitor lists {', '.join(repeated)} twice; each monitor task may appear once")
+    trained = planned_task_names(stream_cfg) or []
+    if stream_cfg.kind == "olora":  # the loader names O-LoRA tasks in lower case
+        trained = [n.lower() for n in trained]
+    both = [n for n in all_names if n in trained]
+    if both:
+        raise ValueError(f"evaluation.monitor: {', '.join(both)} is also a task of the stream (task_stream.order); "
+                         "a monitor task is scored but never trained: drop it from evaluation.monitor or from the stream")
+    return all_names
+
+
+def build_monitor(entries: Any, stream_cfg: Any, model_kind: str, seed: int, trained: list[str]) -> list:
+    """The monitor tasks (evaluation.monitor): scored after every row of R, never
+    trained. Names are loaded like the stream's own tasks (same data_dir, template,
+    caps); entries like a custom stream's tasks."""
+    from omegaconf import OmegaConf
+
+    names, custom = _monitor_entries(entries)
+    tasks = []
+    if names:
+        node = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(stream_cfg, resolve=True)), {"order": names})
+        tasks += build_stream(node, model_kind, seed).tasks
+    if custom:
+        from cl_runner.streams.custom import load_custom
+
+        tasks += load_custom(custom, allow_download=stream_cfg.allow_download, max_train=1,
+                             max_test=stream_cfg.max_test_per_task, seed=seed)
+    both = [t.name for t in tasks if t.name in trained]
+    if both:
+        raise ValueError(f"evaluation.monitor: {', '.join(both)} is also a task of the stream; a monitor task is "
+                         "scored but never trained: drop it from evaluation.monitor or from the stream")
+    return tasks

