@@ -137,22 +137,22 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def _impl(name: str, reference_fn: Callable[..., None], op: str) -> Callable[..., None]:
+    """The backend's implementation: the torch reference, the compiled op, or its fused
+    CUDA variant (`<op>fused_`)."""
+    if name == "torch":
+        return reference_fn
+    return getattr(torch.ops.cl_runner, op if name == "cpp" else op + "fused_")
+
+
 def stacked_impl(name: str) -> Callable[..., None]:
     """project_stacked_(grads, left, right, left_complement, right_complement, mode)."""
-    if name == "torch":
-        return reference.project_stacked_
-    if name == "cpp":
-        return torch.ops.cl_runner.project_stacked_
-    return torch.ops.cl_runner.project_stacked_fused_
+    return _impl(name, reference.project_stacked_, "project_stacked_")
 
 
 def list_impl(name: str) -> Callable[..., None]:
     """project_list_(grads, lefts, rights, left_complement, right_complement, mode)."""
-    if name == "torch":
-        return reference.project_list_
-    if name == "cpp":
-        return torch.ops.cl_runner.project_list_
-    return torch.ops.cl_runner.project_list_fused_
+    return _impl(name, reference.project_list_, "project_list_")
 
 
 def _as_flags(value: bool | Sequence[bool], n: int, arg: str) -> list[bool]:

@@ -332,16 +332,18 @@ class SVDOrthogonal(Strategy):
         self._frozen = []
 
     # ------------------------------------------------------------------ steps
+    def _timed(self, project: Any) -> float:
+        """Seconds `project` took, the device's queue included."""
+        started = time.perf_counter()
+        project()
+        _sync(self.targets[0].param.device)
+        return time.perf_counter() - started
+
     def after_backward(self) -> None:
         if not self._in_task:
             return
-        started = time.perf_counter()
-        if self.sharded is not None:
-            self.sharded.project_grads_()
-        else:
-            self.groups.project_grads_()
-        _sync(self.targets[0].param.device)
-        self._grad_seconds += time.perf_counter() - started
+        impl = self.sharded if self.sharded is not None else self.groups
+        self._grad_seconds += self._timed(impl.project_grads_)
         self._steps += 1
 
     def before_optimizer_step(self) -> None:
@@ -351,13 +353,9 @@ class SVDOrthogonal(Strategy):
     def after_optimizer_step(self) -> None:
         if not self._in_task:
             return
-        started = time.perf_counter()
-        if self.sharded is not None:
-            self.sharded.project_update_()
-        else:
-            self.groups.project_weight_update_()
-        _sync(self.targets[0].param.device)
-        self._update_seconds += time.perf_counter() - started
+        # the step's weight update, projected back (ShardedSubspaces / ProjectionGroups)
+        update = self.sharded.project_update_ if self.sharded is not None else self.groups.project_weight_update_
+        self._update_seconds += self._timed(update)
 
     def after_task(self, t: int, task: Task) -> None:
         self._unfreeze()
