@@ -26,15 +26,14 @@ def schema_node(schema: type) -> DictConfig:
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from cl_runner.config import LoraOptions, TaskStreamConfig, TrainerConfig
+    from cl_runner.config import LoggerConfig, ModelConfig, TaskStreamConfig, TrainerConfig
     from cl_runner.strategies import registry
 
     store = ConfigStore.instance()
     store.store(group="schema", name="trainer", node=schema_node(TrainerConfig))
     store.store(group="schema", name="task_stream", node=schema_node(TaskStreamConfig))
-    # the adapter keys every model file starts from (model.adapter, model.lora.*)
-    store.store(group="schema", name="model_adapter",
-                node=OmegaConf.create({"adapter": "none", "lora": asdict(LoraOptions())}))
+    store.store(group="schema", name="model", node=schema_node(ModelConfig))
+    store.store(group="schema", name="logger", node=schema_node(LoggerConfig))
     for name, reg in registry.registrations(registry.BASE).items():
         store.store(group="schema/strategy", name=name, node=schema_node(reg.config))
     for name, reg in registry.registrations(registry.ADDON).items():
