@@ -130,7 +130,7 @@ def test_help_lists_the_adapter_options_and_olora():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "cl_runner.cli", "--help"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120).stdout
-    assert "model_adapter" in out and "olora" in out
+    assert "model.adapter=lora" in out and "olora" in out
     assert "model.adapter=lora" in out and "model.lora.{r,alpha,dropout,target_modules}" in out
     assert "strategy.{lambda_1,lambda_2,orthogonality}" in out and "docs/adapters.md" in out
 
