@@ -169,7 +169,9 @@ def describe_differences(runs: Sequence[RunResult]) -> None:
     for family in families.values():
         if len(family) < 2 or not all(r.config for r in family):
             continue
-        keys = sorted({k for r in family for k in r.config})
+        # Only keys every run has: one that some runs lack comes from another cl-runner
+        # version's schema (a key added or renamed since), not from a choice.
+        keys = sorted(set.intersection(*(set(r.config) for r in family)))
         differing = [k for k in keys if not k.startswith(_NOT_SETTINGS) and not is_incidental(k)
                      and len({r.config.get(k) for r in family}) > 1]
         for run in family:

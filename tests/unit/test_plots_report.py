@@ -207,6 +207,19 @@ def test_report_names_what_differs_within_a_sweep(tmp_path, capsys):
     assert "ewc (ewc_lambda=0.1)" in text and "ewc (ewc_lambda=10.0)" in text
 
 
+def test_a_key_only_some_runs_have_is_not_a_setting(tmp_path, capsys):
+    """Runs written by different cl-runner versions: a key one schema has and the other
+    lacks (added or renamed since) does not make a setting; a value both have does."""
+    root = tmp_path / "versions"
+    for name, extra, lr in (("old", {}, 0.003), ("new", {"evaluation": {"monitor": []}}, 0.001)):
+        _write_run(root / name, name, "seq_ft", R_SEQ)
+        config = {"strategy": {"name": "seq_ft"}, "trainer": {"lr": lr}, "seed": 0, **extra}
+        (root / name / "config.yaml").write_text(json.dumps(config))
+    assert main([str(root), "--out", str(tmp_path / "out"), "--format", "csv"]) == 0
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert rows["old"]["settings"] == "trainer.lr=0.003" and rows["new"]["settings"] == "trainer.lr=0.001"
+
+
 def test_report_groups_by_task_list_not_stream_name(two_runs, tmp_path, capsys):
     """A 2-task run of the same stream (task_stream.order=[reverse,sort]) is not compared
     with the 3-task multitask run: its own group, no reference, no gap. A run whose
