@@ -6,6 +6,8 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 TINY = ["task_stream.train_size=300", "task_stream.test_size=20", "trainer.steps_per_task=20",
@@ -34,6 +36,7 @@ def test_compare_runs_each_strategy_once_and_writes_the_comparison(tmp_path):
     assert "seq_ft: done before, skipped" in again.stdout
 
 
+@pytest.mark.slow  # four real runs; the seed statistics are unit-tested in tests/unit/test_seed_report.py
 def test_compare_over_seeds_groups_them_and_subtracts_seq_ft(tmp_path):
     done = compare(tmp_path, "--only", "seq_ft", "rewarm_replay", "--seeds", "0", "1", "--", *TINY)
     assert done.returncode == 0, done.stderr[-3000:]
