@@ -116,6 +116,10 @@ class OrthogonalLoRA(Strategy):
 
         self.current = t
         activate(self.ctx.unwrapped_model, self.names[:t + 1], trainable=self.names[t])
+        # Looked up once per task, not per micro-batch: the penalty's tensors (the earlier
+        # tasks' A, frozen, and the current LoRA's parameters, updated in place).
+        self._current = self._factors(self.names[t])
+        self._previous_a = [[a.detach() for a, _ in self._factors(n)] for n in self.names[:t]]
 
     def _factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from cl_runner.adapters import lora_factors
@@ -128,12 +132,10 @@ class OrthogonalLoRA(Strategy):
     # -- loss -----------------------------------------------------------------------------
     def penalty(self, model: nn.Module, batch: Batch) -> Optional[torch.Tensor]:
         cfg = self.config
-        t = self.current
-        current = self._factors(self.names[t])
+        current = self._current
         total = None
-        if cfg.lambda_1 and t > 0:
-            previous = [[a.detach() for a, _ in self._factors(n)] for n in self.names[:t]]
-            total = cfg.lambda_1 * orthogonality_loss(previous, [a for a, _ in current], cfg.orthogonality)
+        if cfg.lambda_1 and self._previous_a:
+            total = cfg.lambda_1 * orthogonality_loss(self._previous_a, [a for a, _ in current], cfg.orthogonality)
         if cfg.lambda_2:
             term = cfg.lambda_2 * norm_loss([p for pair in current for p in pair])
             total = term if total is None else total + term
