@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -107,6 +108,18 @@ def run_one(label: str, overrides: list[str], args: argparse.Namespace, runs_dir
     return code == 0
 
 
+def finished_runs(runs_dir: Path) -> list[tuple[str, Path]]:
+    """(label, folder) of every run in RUNS with its metrics.json: folders <label> and
+    <label>_s<seed>, in the order of STRATEGIES, then by seed."""
+    found = []
+    for label in STRATEGIES:
+        seeded = [f for f in runs_dir.glob(f"{label}_s*") if re.fullmatch(rf"{re.escape(label)}_s\d+", f.name)]
+        for folder in [runs_dir / label, *sorted(seeded, key=lambda f: int(f.name.rsplit("_s", 1)[1]))]:
+            if (folder / "metrics.json").is_file():
+                found.append((label, folder))
+    return found
+
+
 def r_matrix_markdown(metrics: dict) -> str:
     tasks = metrics["tasks"]
     lines = ["| after \\ task | " + " | ".join(tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
@@ -123,12 +136,11 @@ def main(argv=None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or [args.seed]
-    several = len(seeds) > 1
+    several = args.seeds is not None  # --seeds names folders <label>_s<seed>, even for one seed
     failed = [run_folder(runs_dir, label, seed, several).name for label in (args.only or list(STRATEGIES))
               for seed in seeds if not run_one(label, STRATEGIES[label], args, runs_dir, seed, several)]
-    # The report covers every finished run in RUNS, also those of earlier --only calls.
-    finished = [(label, run_folder(runs_dir, label, seed, several)) for label in STRATEGIES for seed in seeds]
-    finished = [(label, f) for label, f in finished if (f / "metrics.json").is_file()]
+    # The report covers every finished run in RUNS, also those of earlier --only or --seeds calls.
+    finished = finished_runs(runs_dir)
     folders = [f for _, f in finished]
     if not folders:
         print("[compare] no finished run; nothing to compare", file=sys.stderr)

@@ -16,17 +16,29 @@ def predict(model: torch.nn.Module, collator: Collator, task: Task, examples: li
     every process generates in lock-step (a sharded model's forward is collective)."""
     was_training = model.training
     model.eval()
-    out: list[str] = []
+    # Batches of similar length pad less: the examples go through longest first (a memory
+    # error shows at once) and the predictions come back in the caller's order.
+    order = length_order(examples)
+    out: list[str] = [""] * len(examples)
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+        for start in range(0, len(order), batch_size):
+            positions = order[start:start + batch_size]
+            chunk = [examples[i] for i in positions]
             if collator.kind == "classifier":
-                out.extend(_classify(model, collator, chunk))
+                predicted = _classify(model, collator, chunk)
             else:
-                out.extend(_generate(model, collator, task, chunk, decoding, synced))
+                predicted = _generate(model, collator, task, chunk, decoding, synced)
+            for i, text in zip(positions, predicted):
+                out[i] = text
     finally:
         model.train(was_training)
     return out
+
+
+def length_order(examples: list[Example]) -> list[int]:
+    """Indices of `examples`, longest prompt first (characters: a proxy for tokens that needs
+    no tokenizer). Ties keep their order, so every process of a run sorts alike."""
+    return sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
 
 
 def _classify(model: torch.nn.Module, collator: Collator, chunk: list[Example]) -> list[str]:
