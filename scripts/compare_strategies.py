@@ -9,10 +9,11 @@ at what cost?").
 Each run is a plain `cl-run` in its own folder under RUNS/ (default
 results/compare/<preset>/, git-ignored: it holds checkpoints); a run whose folder already
 has metrics.json is skipped and a stopped one is resumed, so a comparison continues where
-it left off. With several --seeds each strategy runs once per seed (folders
-<label>_s<seed>), and cl-report groups the seeds: mean ± 95% CI per strategy and, with
---baseline (default seq_ft), the paired difference from it and which differences lie
-outside their interval. OUT/comparison.md (the cl-report tables and each run's R
+it left off. With --seeds each strategy runs once per seed (folders <label>_s<seed>;
+calls with other seeds or --only lists add to the same RUNS, and the report covers them
+all), and cl-report groups the seeds: mean ± 95% CI per strategy and, with --baseline
+(default seq_ft), the paired difference from it, which differences lie outside their
+interval, and each strategy's time per training step and peak memory as ratios to it. OUT/comparison.md (the cl-report tables and each run's R
 matrix), comparison.csv, comparison_seeds.csv, comparison.png and forgetting_curves.png
 (default OUT: results/reproduce/<preset>/, committed) are rewritten at the end.
 """
@@ -73,12 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run every strategy once per seed (folders <label>_s<seed>)")
     parser.add_argument("--baseline", default="seq_ft",
                         help="cl-report --baseline when several seeds ran (default: seq_ft; 'none': no differences)")
-    parser.add_argument("extra", nargs="*", help="more cl-run overrides for every run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite OUT from the finished runs in RUNS (after runs made by several calls)")
+    parser.add_argument("extra", nargs="*", help="more cl-run overrides for every run (after --: ... -- trainer.cpu_threads=1)")
     return parser.parse_args(argv)
 
 
 def run_folder(runs_dir: Path, label: str, seed: int, several: bool) -> Path:
-    """<label> for a single-seed comparison, <label>_s<seed> when several seeds run."""
+    """<label> for a plain --seed comparison, <label>_s<seed> under --seeds."""
     return runs_dir / (f"{label}_s{seed}" if several else label)
 
 
@@ -137,8 +140,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or [args.seed]
     several = args.seeds is not None  # --seeds names folders <label>_s<seed>, even for one seed
-    failed = [run_folder(runs_dir, label, seed, several).name for label in (args.only or list(STRATEGIES))
-              for seed in seeds if not run_one(label, STRATEGIES[label], args, runs_dir, seed, several)]
+    failed = [] if args.report_only else [
+        run_folder(runs_dir, label, seed, several).name for label in (args.only or list(STRATEGIES))
+        for seed in seeds if not run_one(label, STRATEGIES[label], args, runs_dir, seed, several)]
     # The report covers every finished run in RUNS, also those of earlier --only or --seeds calls.
     finished = finished_runs(runs_dir)
     folders = [f for _, f in finished]
@@ -147,17 +151,24 @@ def main(argv=None) -> int:
         return 1
 
     baseline = []
-    if several and args.baseline != "none" and any(f.name.startswith(f"{args.baseline}_s") for f in folders):
+    seeded = several or any(re.fullmatch(r".+_s\d+", f.name) for f in folders)
+    if seeded and args.baseline != "none" and any(label == args.baseline for label, _ in finished):
         baseline = ["--baseline", args.baseline]
     report = subprocess.run([sys.executable, "-m", "cl_runner.results.report", str(runs_dir), "--out", str(out),
                              "--format", "markdown", *baseline], check=True, capture_output=True, text=True)
+    found_seeds = sorted({json.loads((f / "metrics.json").read_text()).get("seed") for f in folders},
+                         key=lambda s: (s is None, s))
+    seed_text = f"seed{'s' if len(found_seeds) > 1 else ''} {', '.join(map(str, found_seeds))}"
     command = " ".join(["python scripts/compare_strategies.py", f"--preset {args.preset}",
                         "--data-dir DATA" if args.data_dir else "",
-                        f"--seeds {' '.join(map(str, seeds))}" if several else "", *args.extra]).replace("  ", " ").strip()
-    seed_text = f"seeds {', '.join(map(str, seeds))}" if several else f"seed {args.seed}"
-    sections = [f"# Strategies on `experiment={args.preset}` ({seed_text})", "", f"`{command}`", "",
-                "Times are wall-clock on the machine that ran them and vary with its load: a rough "
-                "guide to cost, not a benchmark.", "", report.stdout.strip(), ""]
+                        f"--seeds {' '.join(map(str, seeds))}" if several and not args.report_only else "",
+                        "--report-only" if args.report_only else "",
+                        f"-- {' '.join(args.extra)}" if args.extra and not args.report_only else ""])
+    sections = [f"# Strategies on `experiment={args.preset}` ({seed_text})", "",
+                f"Report written by `{' '.join(command.split())}`; each run's own cl-run command is in "
+                "its folder's environment.json. Times are wall-clock on the machine that ran them and vary "
+                "with its load: compare the runs of one comparison, not across machines.", "",
+                report.stdout.strip(), ""]
     if failed:
         sections += [f"Failed (see their run folders under {runs_dir}): {', '.join(failed)}", ""]
     for label, folder in finished:

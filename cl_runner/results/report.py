@@ -60,6 +60,8 @@ class RunResult:
     ACC_per_step: list = field(default_factory=list)
     num_tasks: Optional[int] = None
     wall_time_s: Optional[float] = None
+    train_time_s: Optional[float] = None  # the training steps alone (no evaluation)
+    optimizer_steps: Optional[float] = None
     peak_memory_bytes: Optional[float] = None
     strategy_extra_bytes: Optional[float] = None
     reference: Optional["RunResult"] = None  # the multitask run of its group and model
@@ -77,6 +79,13 @@ class RunResult:
         """Mean change of the monitor scores from before training to the end."""
         changes = [end - start for start, end in self.monitor.values() if start is not None and end is not None]
         return sum(changes) / len(changes) if changes and len(changes) == len(self.monitor) else None
+
+    @property
+    def seconds_per_step(self) -> Optional[float]:
+        """Training time per optimizer step (None without both numbers, or no step)."""
+        if self.train_time_s is None or not self.optimizer_steps:
+            return None
+        return self.train_time_s / self.optimizer_steps
 
     @property
     def group(self) -> tuple:
@@ -229,6 +238,8 @@ def load_run(path: Path) -> RunResult:
         ACC_per_step=[_number(v, "ACC_per_step", path) for v in steps],
         num_tasks=len(tasks) if isinstance(tasks, list) else None,
         wall_time_s=_number(data.get("wall_time_s"), "wall_time_s", path),
+        train_time_s=_number(data.get("train_time_s"), "train_time_s", path),
+        optimizer_steps=_number(data.get("optimizer_steps"), "optimizer_steps", path),
         peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
         strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
         config=config,

@@ -6,11 +6,13 @@ import csv
 import io
 from typing import Callable, Optional, Sequence
 
-from cl_runner.results.formatting import SIGNED_METRICS, format_interval, format_metric, markdown_table, text_table
+from cl_runner.results.formatting import (SIGNED_METRICS, format_bytes, format_interval, format_metric,
+                                          markdown_table, text_table)
 from cl_runner.results.seed_groups import METRICS, Difference, SeedGroup
 
 GROUP_HEADERS = ("strategy", "model", "seeds", *METRICS)
 DIFF_HEADERS = ("strategy", "model", "pairs", *(f"Δ{m}" for m in METRICS))
+COST_HEADERS = ("strategy", "model", "seeds", "train s/step", "ratio", "peak memory", "ratio")
 TEXT_COLUMNS = 3
 EXCLUDES_ZERO_MARK = " *"
 
@@ -62,8 +64,55 @@ def render_seed_sections(groups: Sequence[SeedGroup], differences: Optional[Sequ
         diff_notes = [f"{d.group.label} ({d.group.first.model}): {d.note}" for d in shown if d.note]
         section += [_join_notes(diff_notes + conclusion(shown, baseline), fmt)]
         sections.append(section)
+    if baseline is not None:
+        rows = cost_rows(groups, baseline)
+        if rows:
+            sections.append([_heading(f"cost relative to {baseline} on the full model (mean over seeds; same "
+                                      "machine and load assumed: compare runs of one comparison)", fmt),
+                             _table(COST_HEADERS, rows, fmt)])
     inner = "\n\n" if fmt == "markdown" else "\n"
     return "\n\n".join(inner.join(section) for section in sections)
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def cost_baseline(groups: Sequence[SeedGroup], group: SeedGroup, baseline: str) -> Optional[SeedGroup]:
+    """The baseline's group on the same stream and the full model: an adapter run
+    (`minilm+lora`) is costed against full fine-tuning (`minilm`), what it is meant to save."""
+    full_model = group.first.model.split("+", 1)[0]
+    for g in groups:
+        if g.label == baseline and g.first.model == full_model and g.first.group == group.first.group:
+            return g
+    return None
+
+
+def group_cost(group: SeedGroup) -> tuple[Optional[float], Optional[float]]:
+    """(training seconds per optimizer step, peak memory bytes), means over the seeds."""
+    return _mean([r.seconds_per_step for r in group.runs]), _mean([r.peak_memory_bytes for r in group.runs])
+
+
+def cost_rows(groups: Sequence[SeedGroup], baseline: str) -> list[list[str]]:
+    """Per seed group: training seconds per optimizer step and peak memory, each with its
+    ratio to the baseline's (means over seeds). Empty when no group has a cost."""
+    rows = []
+    for g in groups:
+        step, memory = group_cost(g)
+        if step is None and memory is None:
+            continue
+        base = cost_baseline(groups, g, baseline)
+        base_step, base_memory = group_cost(base) if base else (None, None)
+        ratios = [_ratio_value(step, base_step), _ratio_value(memory, base_memory)]
+        rows.append([g.label, g.first.model, g.seeds_text(), "-" if step is None else f"{step:.3f}",
+                     "-" if ratios[0] is None else f"{ratios[0]:.2f}x", format_bytes(memory),
+                     "-" if ratios[1] is None else f"{ratios[1]:.2f}x"])
+    return rows
+
+
+def _ratio_value(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    return None if value is None or not base else value / base
 
 
 def conclusion(differences: Sequence[Difference], baseline: Optional[str]) -> list[str]:
@@ -100,16 +149,20 @@ def _join_notes(notes: Sequence[str], fmt: str) -> str:
 def seeds_csv_text(groups_by_place: dict, differences: Optional[Sequence[Difference]], baseline: Optional[str],
                    level: float) -> str:
     """One row per seed group: n_seeds, seeds, runs, and per metric mean/low/high and the
-    interval's method; with a baseline, per metric the paired difference's
-    mean/low/high and whether it excludes 0. Empty cell: no value."""
+    interval's method; the mean seconds per training step, peak memory and change of the
+    monitor tasks (before training to the end); with a baseline, per metric the paired
+    difference's mean/low/high and whether it excludes 0, and the cost ratios to the
+    baseline on the full model (`cost_baseline`). Empty cell: no value."""
     by_group = {id(d.group): d for d in differences or []}
     columns = ["stream", "tasks", "model", "strategy", "n_seeds", "seeds", "runs", "level"]
     for m in METRICS:
         columns += [f"{m}_mean", f"{m}_low", f"{m}_high", f"{m}_interval"]
+    columns += ["train_s_per_step", "peak_memory_bytes", "monitor_change"]
     if differences is not None:
         columns += ["baseline", "n_pairs"]
         for m in METRICS:
             columns += [f"{m}_diff_mean", f"{m}_diff_low", f"{m}_diff_high", f"{m}_diff_excludes_0"]
+        columns += ["step_time_ratio", "peak_memory_ratio"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -121,11 +174,16 @@ def seeds_csv_text(groups_by_place: dict, differences: Optional[Sequence[Differe
             for m in METRICS:
                 iv = g.intervals.get(m)
                 row += [iv.mean, iv.low, iv.high, iv.method] if iv else [None] * 4
+            step, memory = group_cost(g)
+            row += [step, memory, _mean([r.monitor_change for r in g.runs])]
             if differences is not None:
                 d = by_group.get(id(g))
                 row += [baseline, d.n if d else None]
                 for m in METRICS:
                     iv = d.intervals.get(m) if d else None
                     row += [iv.mean, iv.low, iv.high, iv.excludes_zero] if iv else [None] * 4
+                base = cost_baseline(groups, g, baseline)
+                base_step, base_memory = group_cost(base) if base else (None, None)
+                row += [_ratio_value(step, base_step), _ratio_value(memory, base_memory)]
             writer.writerow(["" if v is None else v for v in row])
     return buffer.getvalue()

@@ -50,3 +50,13 @@ def test_compare_over_seeds_groups_them_and_subtracts_seq_ft(tmp_path):
     assert rows["seq_ft"]["n_seeds"] == "2" and rows["seq_ft"]["ACC_interval"] == "t"
     assert [r["n_pairs"] for s, r in rows.items() if s != "seq_ft"] == ["2"]
     assert (tmp_path / "out" / "forgetting_curves.png").stat().st_size > 0
+
+    # A later call adds a seed to the same runs; --report-only rewrites the report from all of them.
+    more = compare(tmp_path, "--only", "seq_ft", "--seeds", "2", "--", *TINY)
+    assert more.returncode == 0, more.stderr[-3000:]
+    report = compare(tmp_path, "--report-only")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "[compare]" not in report.stdout.replace("[compare] wrote", "")  # nothing ran
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "(seeds 0, 1, 2)" in md and "| seq_ft | tiny_gpt2 | 3 (0,1,2) |" in md
+    assert "cost relative to seq_ft" in md and "| rewarm_replay | tiny_gpt2 | 2 (0,1) |" in md

@@ -23,7 +23,8 @@ def _R(acc_last_row):
     return [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 1.0, 0.0], list(acc_last_row)]
 
 
-def _write(folder, strategy, seed, R, settings=None, config_extra=None, environment=None, items=None, model="tiny"):
+def _write(folder, strategy, seed, R, settings=None, config_extra=None, environment=None, items=None, model="tiny",
+           metrics_extra=None):
     """A run folder as cl-run leaves it: config.yaml (JSON is YAML), metrics.json and,
     with `items` ({(i, j): scores}), predictions/task_<j+1>_after_<i>.jsonl."""
     folder.mkdir(parents=True)
@@ -39,6 +40,7 @@ def _write(folder, strategy, seed, R, settings=None, config_extra=None, environm
                    tasks=TASKS, R=R)
     if environment is not None:
         metrics["environment"] = environment
+    metrics.update(metrics_extra or {})
     (folder / "metrics.json").write_text(json.dumps(metrics))
     for (i, j), scores in (items or {}).items():
         path = folder / "predictions" / f"task_{j + 1}_after_{i}.jsonl"
@@ -232,6 +234,37 @@ def test_paired_difference_against_the_baseline(tmp_path, capsys):
     assert float(rows["ewc"]["ACC_diff_high"]) == pytest.approx(0.15 + half)
     assert rows["ewc"]["ACC_diff_excludes_0"] == "True"
     assert rows["hft"]["n_pairs"] == "0" and rows["hft"]["ACC_diff_mean"] == ""
+
+
+def test_cost_relative_to_the_baseline_on_the_full_model(tmp_path, capsys):
+    """Seconds per step and peak memory as means over seeds, each divided by the
+    baseline's mean; an adapter run (`tiny+lora`) is costed against the full model's seq_ft."""
+    root = tmp_path / "runs"
+    GiB = 2**30
+    cost = {  # label: (strategy, model, adapter, [(train_time_s, steps, peak bytes) per seed])
+        "seq": ("seq_ft", [(10.0, 10, 2 * GiB), (12.0, 10, 2 * GiB)], None),  # 1.1 s/step, 2 GiB
+        "svd": ("svd_orthogonal", [(22.0, 10, 3 * GiB), (22.0, 10, 3 * GiB)], None),  # 2.2 s/step, 3 GiB
+        "lora": ("seq_ft", [(5.5, 10, GiB), (5.5, 10, GiB)], "lora"),  # 0.55 s/step, 1 GiB
+    }
+    for label, (strategy, per_seed, adapter) in cost.items():
+        for seed, (train, steps, peak) in enumerate(per_seed):
+            extra = {"train_time_s": train, "optimizer_steps": steps, "peak_memory_bytes": peak}
+            if adapter:
+                extra["adapter"] = {"kind": adapter}
+            _write(root / f"{label}_s{seed}", strategy, seed, _R([0.5 + 0.1 * seed] * 3), metrics_extra=extra)
+    assert main([str(root), "--out", str(tmp_path / "out"), "--baseline", "seq_ft"]) == 0
+    text = capsys.readouterr().out
+    section = text.split("cost relative to seq_ft")[1]
+    rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in section.splitlines()[3:] if line.strip()}
+    assert rows["seq_ft tiny"][4:] == ["1.100", "1.00x", "2.00", "GiB", "1.00x"]
+    assert rows["svd_orthogonal tiny"][4:] == ["2.200", "2.00x", "3.00", "GiB", "1.50x"]
+    assert rows["seq_ft tiny+lora"][4:] == ["0.550", "0.50x", "1.00", "GiB", "0.50x"]
+    with open(tmp_path / "out" / "comparison_seeds.csv", newline="") as f:
+        csv_rows = {(r["strategy"], r["model"]): r for r in csv.DictReader(f)}
+    assert float(csv_rows[("svd_orthogonal", "tiny")]["train_s_per_step"]) == pytest.approx(2.2)
+    assert float(csv_rows[("svd_orthogonal", "tiny")]["step_time_ratio"]) == pytest.approx(2.0)
+    assert float(csv_rows[("seq_ft", "tiny+lora")]["peak_memory_ratio"]) == pytest.approx(0.5)
+    assert float(csv_rows[("seq_ft", "tiny")]["peak_memory_bytes"]) == 2 * GiB
 
 
 def test_difference_whose_interval_contains_zero(tmp_path):
