@@ -13,9 +13,10 @@ it left off. With --seeds each strategy runs once per seed (folders <label>_s<se
 calls with other seeds or --only lists add to the same RUNS, and the report covers them
 all), and cl-report groups the seeds: mean ± 95% CI per strategy and, with --baseline
 (default seq_ft), the paired difference from it, which differences lie outside their
-interval, and each strategy's time per training step and peak memory as ratios to it. OUT/comparison.md (the cl-report tables and each run's R
-matrix), comparison.csv, comparison_seeds.csv, comparison.png and forgetting_curves.png
-(default OUT: results/reproduce/<preset>/, committed) are rewritten at the end.
+interval, and each strategy's time per training step and peak memory as ratios to it.
+OUT/comparison.md (the cl-report tables and each run's R matrix), comparison.csv,
+comparison_seeds.csv, comparison.png and forgetting_curves.png (default OUT:
+results/reproduce/<preset>/, committed) are rewritten at the end.
 """
 from __future__ import annotations
 
