@@ -170,11 +170,12 @@ _NOT_SETTINGS = ("output_dir", "resume", "experiment_name", "dry_run", "plan_", 
 
 
 def describe_differences(runs: Sequence[RunResult]) -> None:
-    """Among runs of one group and strategy (a sweep), name the settings that differ:
-    `ewc (ewc_lambda=0.1)` rather than two rows that read `ewc`."""
+    """Among runs of one group, strategy and model (a sweep), name the settings that
+    differ: `ewc (ewc_lambda=0.1)` rather than two rows that read `ewc`. Runs on another
+    model (`minilm+lora`) are told apart by the model column, not by a settings label."""
     families: dict[tuple, list[RunResult]] = {}
     for run in runs:
-        families.setdefault((run.group, run.strategy), []).append(run)
+        families.setdefault((run.group, run.strategy, run.model), []).append(run)
     for family in families.values():
         if len(family) < 2 or not all(r.config for r in family):
             continue

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 
 from cl_runner.results.formatting import (SIGNED_METRICS, format_bytes, format_interval, format_metric,
                                           markdown_table, text_table)
-from cl_runner.results.seed_groups import METRICS, Difference, SeedGroup
+from cl_runner.results.seed_groups import METRICS, Difference, SeedGroup, find_baseline
 
 GROUP_HEADERS = ("strategy", "model", "seeds", *METRICS)
 DIFF_HEADERS = ("strategy", "model", "pairs", *(f"Δ{m}" for m in METRICS))
@@ -83,8 +83,8 @@ def cost_baseline(groups: Sequence[SeedGroup], group: SeedGroup, baseline: str) 
     """The baseline's group on the same stream and the full model: an adapter run
     (`minilm+lora`) is costed against full fine-tuning (`minilm`), what it is meant to save."""
     full_model = group.first.model.split("+", 1)[0]
-    for g in groups:
-        if g.label == baseline and g.first.model == full_model and g.first.group == group.first.group:
+    for g in find_baseline(groups, baseline):
+        if g.first.model == full_model and g.first.group == group.first.group:
             return g
     return None
 

@@ -251,7 +251,9 @@ def test_cost_relative_to_the_baseline_on_the_full_model(tmp_path, capsys):
             extra = {"train_time_s": train, "optimizer_steps": steps, "peak_memory_bytes": peak}
             if adapter:
                 extra["adapter"] = {"kind": adapter}
-            _write(root / f"{label}_s{seed}", strategy, seed, _R([0.5 + 0.1 * seed] * 3), metrics_extra=extra)
+            # The adapter run's own lr is no sweep setting: its model (tiny+lora) tells it apart.
+            _write(root / f"{label}_s{seed}", strategy, seed, _R([0.5 + 0.1 * seed] * 3), metrics_extra=extra,
+                   config_extra={"trainer.lr": 0.001} if adapter else None)
     assert main([str(root), "--out", str(tmp_path / "out"), "--baseline", "seq_ft"]) == 0
     text = capsys.readouterr().out
     section = text.split("cost relative to seq_ft")[1]
