@@ -44,14 +44,12 @@ def interval_text(row: dict, metric: str, signed: bool = False) -> str:
 
 
 def difference_text(row: dict, metric: str) -> str:
-    """The paired difference from the baseline, `+0.120 ± 0.030*` (* = the interval excludes 0)."""
-    mean, low, high = (_number(row.get(f"{metric}_diff_{k}", "")) for k in ("mean", "low", "high"))
+    """The paired difference from the baseline, `+0.120*` (* = its 95% interval excludes 0;
+    the interval itself is in the folder's comparison.md)."""
+    mean = _number(row.get(f"{metric}_diff_mean", ""))
     if mean is None:
         return "-"
-    mark = "*" if row.get(f"{metric}_diff_excludes_0") == "True" else ""
-    if low is None or high is None:
-        return f"{mean:+.3f}{mark}"
-    return f"{mean:+.3f} ± {(high - low) / 2:.3f}{mark}"
+    return f"{mean:+.3f}" + ("*" if row.get(f"{metric}_diff_excludes_0") == "True" else "")
 
 
 def ratio_text(row: dict, key: str) -> str:
@@ -89,8 +87,8 @@ def section(root: Path = REPO) -> str:
             continue
         parts += [f"**{title}** ([results/reproduce/{folder}](results/reproduce/{folder}/README.md)):", "",
                   table(csv_path), ""]
-    parts += ["Mean ± 95% CI (t over seeds; one seed: a bootstrap over test items, in parentheses). Δ: paired "
-              "by seed, * = the interval excludes 0; adapter runs are compared with the adapter's own seq_ft. "
+    parts += ["Mean ± 95% CI (t over seeds; one seed: a bootstrap over test items, in parentheses). Δ: the mean "
+              "paired difference, * = its interval excludes 0 (intervals in comparison.md); adapter runs are compared with the adapter's own seq_ft. "
               "time/step and memory (peak RSS): ratios to full-model seq_ft in the same comparison.", "", END]
     return "\n".join(parts)
 
