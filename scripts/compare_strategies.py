@@ -146,19 +146,18 @@ def main(argv=None) -> int:
         for seed in seeds if not run_one(label, STRATEGIES[label], args, runs_dir, seed, several)]
     # The report covers every finished run in RUNS, also those of earlier --only or --seeds calls.
     finished = finished_runs(runs_dir)
-    folders = [f for _, f in finished]
-    if not folders:
+    metrics_of = {f: json.loads((f / "metrics.json").read_text()) for _, f in finished}
+    if not finished:
         print("[compare] no finished run; nothing to compare", file=sys.stderr)
         return 1
 
     baseline = []
-    seeded = several or any(re.fullmatch(r".+_s\d+", f.name) for f in folders)
+    seeded = several or any(f.name != label for label, f in finished)  # <label>_s<seed> folders
     if seeded and args.baseline != "none" and any(label == args.baseline for label, _ in finished):
         baseline = ["--baseline", args.baseline]
     report = subprocess.run([sys.executable, "-m", "cl_runner.results.report", str(runs_dir), "--out", str(out),
                              "--format", "markdown", *baseline], check=True, capture_output=True, text=True)
-    found_seeds = sorted({json.loads((f / "metrics.json").read_text()).get("seed") for f in folders},
-                         key=lambda s: (s is None, s))
+    found_seeds = sorted({m.get("seed") for m in metrics_of.values()}, key=lambda s: (s is None, s))
     seed_text = f"seed{'s' if len(found_seeds) > 1 else ''} {', '.join(map(str, found_seeds))}"
     command = " ".join(["python scripts/compare_strategies.py", f"--preset {args.preset}",
                         "--data-dir DATA" if args.data_dir else "",
@@ -173,9 +172,8 @@ def main(argv=None) -> int:
     if failed:
         sections += [f"Failed (see their run folders under {runs_dir}): {', '.join(failed)}", ""]
     for label, folder in finished:
-        metrics = json.loads((folder / "metrics.json").read_text())
         settings = " ".join(STRATEGIES[label]) or "(defaults)"
-        sections += [f"## {folder.name}: `{settings}`", "", r_matrix_markdown(metrics), ""]
+        sections += [f"## {folder.name}: `{settings}`", "", r_matrix_markdown(metrics_of[folder]), ""]
     (out / "comparison.md").write_text("\n".join(sections))
     print(report.stdout)
     print(f"[compare] wrote {out / 'comparison.md'}, comparison.csv, comparison_seeds.csv, comparison.png, "
