@@ -98,7 +98,10 @@ def checkpoint_name(progress: Progress) -> str:
 
 
 def save_checkpoint(folder: Path, progress: Progress, model_state: dict, optimizer_state: Optional[dict],
-                    scheduler_state: Optional[dict], strategy_state: dict, keep: int = 1) -> Path:
+                    scheduler_state: Optional[dict], strategy_state: dict, keep: int = 1,
+                    model_scope: Optional[dict] = None) -> Path:
+    """`model_scope` says what `model_state` covers when it is not the whole model
+    (adapter runs: cl_runner/adapter_checkpoint.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "progress": asdict(progress),
@@ -108,6 +111,8 @@ def save_checkpoint(folder: Path, progress: Progress, model_state: dict, optimiz
         "strategy": strategy_state,
         "rng": rng_state(),
     }
+    if model_scope is not None:
+        payload["model_scope"] = model_scope
     path = folder / checkpoint_name(progress)
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)

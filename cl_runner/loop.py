@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from cl_runner.anneal import optimizer_copy, prepared_alone
 from cl_runner.batching import Collator, compute_loss
+from cl_runner.adapter_checkpoint import FrozenBase, load_model_state
 from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
 from cl_runner.config import ConfigError, check_epochs, check_lengths, check_task_budget, position_limit
 from cl_runner.evaluation.predict import generation_budget, predict
@@ -183,6 +184,8 @@ class ContinualLoop:
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
             anneal=self.anneal)
         self.strategy.setup(self.strategy_ctx)
+        # Adapter runs checkpoint the adapters and head only, against this fingerprinted base.
+        self.frozen_base = None if self.sharded else FrozenBase.of(self.accelerator.unwrap_model(self.model))
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)
@@ -500,12 +503,14 @@ class ContinualLoop:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return
-        model_state = self.accelerator.get_state_dict(self.model)
+        model_state, scope = self.accelerator.get_state_dict(self.model), None
+        if self.frozen_base is not None:
+            model_state, scope = self.frozen_base.trim(model_state)
         save_checkpoint(
             self.run_dir / "checkpoints", self.progress, model_state,
             self.optimizer.state_dict() if self.optimizer is not None else None,
             self.scheduler.state_dict() if self.scheduler is not None else None,
-            self.strategy.state_dict(), keep=self.trainer.keep_checkpoints)
+            self.strategy.state_dict(), keep=self.trainer.keep_checkpoints, model_scope=scope)
 
     def _restore_sharded(self) -> Optional[ResumeState]:
         """The newest readable sharded checkpoint, re-sharded to this run's processes."""
@@ -558,7 +563,7 @@ class ContinualLoop:
         if found is None:
             return None
         path, payload = found
-        self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
+        load_model_state(self.accelerator.unwrap_model(self.model), payload, self.frozen_base, str(path))
         self.strategy.load_state_dict(payload["strategy"])
         state = ResumeState(payload["progress"], optimizer=payload["optimizer"], scheduler=payload["scheduler"],
                             rng=payload["rng"])
