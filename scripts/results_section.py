@@ -20,8 +20,8 @@ BEGIN = "<!-- results:begin (written by scripts/results_section.py from results/
 END = "<!-- results:end -->"
 # (folder under results/reproduce, what it is): the evidence comparisons, in README order.
 SOURCES = (
-    ("minilm_learnable", "MiniLM (22M encoder classifier), SST-2 → agnews → QQP (QQP learned only to its "
-                         "majority class), 500 test items a task"),
+    ("minilm_learnable", "MiniLM (22M encoder classifier), amazon → SST-2 → agnews, 500 train / 500 test "
+                         "items a task"),
     ("smollm2_quick", "SmolLM2-135M-Instruct, classification as generation, MNLI → agnews → amazon → QQP, "
                       "12 test items a task, SST-2 as the never-trained monitor"),
 )
