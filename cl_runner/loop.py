@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
+from cl_runner.adapter_checkpoint import FrozenBase, load_model_state
 from cl_runner.anneal import optimizer_copy, prepared_alone
 from cl_runner.batching import Collator, compute_loss
-from cl_runner.adapter_checkpoint import FrozenBase, load_model_state
 from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
 from cl_runner.config import ConfigError, check_epochs, check_lengths, check_task_budget, position_limit
 from cl_runner.evaluation.predict import generation_budget, predict

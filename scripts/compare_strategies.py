@@ -146,10 +146,10 @@ def main(argv=None) -> int:
         for seed in seeds if not run_one(label, STRATEGIES[label], args, runs_dir, seed, several)]
     # The report covers every finished run in RUNS, also those of earlier --only or --seeds calls.
     finished = finished_runs(runs_dir)
-    metrics_of = {f: json.loads((f / "metrics.json").read_text()) for _, f in finished}
     if not finished:
         print("[compare] no finished run; nothing to compare", file=sys.stderr)
         return 1
+    metrics_of = {f: json.loads((f / "metrics.json").read_text()) for _, f in finished}
 
     baseline = []
     seeded = several or any(f.name != label for label, f in finished)  # <label>_s<seed> folders

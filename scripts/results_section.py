@@ -89,8 +89,9 @@ def section(root: Path = REPO) -> str:
         parts += [f"**{title}** ([results/reproduce/{folder}](results/reproduce/{folder}/README.md)):", "",
                   table(csv_path), ""]
     parts += ["Mean ± 95% CI (t over seeds; one seed: a bootstrap over test items, in parentheses). Δ: the mean "
-              "paired difference, * = its interval excludes 0 (intervals in comparison.md); adapter runs are compared with the adapter's own seq_ft. "
-              "time/step and memory (peak RSS): ratios to full-model seq_ft in the same comparison.", "", END]
+              "paired difference, * = its interval excludes 0 (intervals in comparison.md); adapter runs are "
+              "compared with the adapter's own seq_ft. time/step and memory (peak RSS): ratios to full-model seq_ft "
+              "in the same comparison.", "", END]
     return "\n".join(parts)
 
 
