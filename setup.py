@@ -77,7 +77,7 @@ def _extension_setup() -> dict:
 
 class BuildPyWithConfigs(build_py):
     """Ships the top-level configs/ inside the wheel as cl_runner/configs/ (where
-    cl_runner.config_paths looks when there is no source checkout beside the package)."""
+    cl_runner.config.paths looks when there is no source checkout beside the package)."""
 
     def run(self):
         super().run()

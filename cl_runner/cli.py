@@ -15,25 +15,20 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cl_runner.checkpoint import CheckpointError
-from cl_runner.config import ConfigError, validate
-from cl_runner.config_paths import package_configs
-from cl_runner.models import ModelLoadError
+from cl_runner.checkpoints.files import CheckpointError
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import validate
+from cl_runner.config.paths import package_configs
+from cl_runner.models.build import ModelLoadError
 from cl_runner.streams.records import RecordError
-from cl_runner.results.tracking import RunFolderError
+from cl_runner.reporting.tracking import RunFolderError
 
 PACKAGE_CONFIGS = package_configs()
 
 
-def strategy_label(cfg: DictConfig) -> str:
-    """strategy_label when set (a preset's name), else the base strategy and its add-ons."""
-    if cfg.get("strategy_label"):
-        return str(cfg.strategy_label)
-    addons = [k for k in ("replay", "lr_schedule", "lines") if cfg.get(k) is not None and cfg[k].get("enabled")]
-    return "+".join([cfg.strategy.name] + addons)
-
-
 def run_label(cfg: DictConfig) -> str:
+    from cl_runner.strategies.registry import strategy_label
+
     adapter = cfg.model.get("adapter", "none")
     model = cfg.model.name if adapter == "none" else f"{cfg.model.name}+{adapter}"  # LoRA runs told apart
     return "_".join([cfg.task_stream.name, model, strategy_label(cfg), f"s{cfg.seed}"])
@@ -130,7 +125,7 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
 
 
 def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
-    from cl_runner.results.tracking import new_run_folder
+    from cl_runner.reporting.tracking import new_run_folder
 
     if resuming:
         return Path(cfg.resume)
@@ -154,13 +149,13 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         print(OmegaConf.to_yaml(cfg))
         plan = print_memory_plan(cfg)  # will it fit: per-rank memory from a meta-device model
         return {"memory_plan": plan.as_dict()} if plan is not None else {}
-    from cl_runner.environment import apply_cpu_threads, record_environment
+    from cl_runner.reporting.environment import apply_cpu_threads, record_environment
 
     apply_cpu_threads(cfg.trainer.cpu_threads)  # first, before any parallel work in this process
-    from cl_runner.loop import ContinualLoop
-    from cl_runner.ops_setup import configure_ops
-    from cl_runner.results.summary import finish_run
-    from cl_runner.results.tracking import discard_unstarted_run, make_tracker
+    from cl_runner.training.loop import ContinualLoop
+    from cl_runner.ops.setup import configure_ops
+    from cl_runner.reporting.summary import finish_run
+    from cl_runner.reporting.tracking import discard_unstarted_run, make_tracker
 
     configure_ops(cfg.ops)
     accelerator = make_accelerator(cfg, strategy)
@@ -192,7 +187,7 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         # its destructor can abort a rank at exit ("terminate called without an active
         # exception") and the launcher then kills the others. No-op on one process.
         accelerator.end_training()
-        from cl_runner.sharding import release_process_group
+        from cl_runner.distributed.sharding import release_process_group
 
         release_process_group()
 
@@ -203,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from cl_runner.override_check import misspelt_key_message
+    from cl_runner.config.override_check import misspelt_key_message
 
     typo = misspelt_key_message(PACKAGE_CONFIGS, sys.argv[1:])
     if typo:
@@ -215,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     def _hydra_entry(raw: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from cl_runner.distributed_env import init_from_slurm
+        from cl_runner.distributed.env import init_from_slurm
 
         init_from_slurm()  # one task of a multi-task SLURM job (submitit, srun): RANK, WORLD_SIZE, MASTER_*
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
@@ -231,7 +226,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"cl-run: error: {err}", file=sys.stderr)
             sys.exit(2)
         except RuntimeError as err:
-            from cl_runner.loop import TrainingDivergedError
+            from cl_runner.training.loop import TrainingDivergedError
 
             if not isinstance(err, TrainingDivergedError):
                 raise

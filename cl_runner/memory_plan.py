@@ -33,19 +33,16 @@ import dataclasses
 
 import math
 import os
-import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from cl_runner.config import ConfigError
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import ConfigError, require, require_choice
+from cl_runner.strategies.memory import FP32, GIB, ModelFacts, PlanInputs, StrategyEstimate, count, gib
 
-GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-FP32 = 4
 # Activations kept for backward, in values per token, hidden unit and transformer block:
 # attention inputs/outputs and q, k, v (fused SDPA: no score matrix), the norms, the MLP's
 # up/gate/activation (2.7-4 x hidden). Korthikanti et al. 2022 count 34 bytes (about 17
@@ -143,55 +140,6 @@ class MemoryPlan:
         return out
 
 
-@dataclass
-class ModelFacts:
-    """What the plan needs from the model, read from its meta-device build."""
-    name: str
-    kind: str
-    family: str
-    source: str
-    params: int
-    matmul_params: int  # weights of Linear/Conv1D layers (autocast casts these)
-    hidden: int
-    blocks: int
-    vocab: int
-    largest_unit: int  # parameters of the largest block or top-level module (FSDP unit)
-    model: nn.Module
-
-
-@dataclass
-class ShardedEstimate:
-    """A strategy's own implementation under `trainer.sharding=fsdp` at one world size,
-    where that is not its unsharded state split evenly (svd_orthogonal's ShardedSubspaces):
-    bytes as that code lays them out on the rank that holds the most (rank 0)."""
-    state_unsharded: int  # the same implementation at world size 1
-    state_per_rank: int
-    transient_unsharded: int
-    transient_per_rank: int
-    notes: list[str] = field(default_factory=list)
-    transient_note: str = ""
-
-
-@dataclass
-class StrategyEstimate:
-    name: str
-    state_bytes: int = 0
-    transient_bytes: int = 0
-    trainable_params: Optional[int] = None  # None: every parameter trains
-    optimizer_bytes_per_param: Optional[float] = None  # None: AdamW in the weights' dtype
-    optimizer_note: str = ""
-    notes: list[str] = field(default_factory=list)
-    transient_note: str = ""
-    # trainer.sharding=fsdp with an implementation of its own: world size -> its estimate,
-    # which then replaces state_bytes / transient_bytes (add-ons below are split evenly).
-    sharded: Optional[Callable[[int], ShardedEstimate]] = None
-    # Add-ons (LiNeS) summed into the fields above, kept apart for `sharded`.
-    addon_state_bytes: int = 0
-    addon_notes: list[str] = field(default_factory=list)
-    addon_transient_bytes: int = 0
-    addon_transient_note: str = ""
-
-
 # ----------------------------------------------------------------------------- settings
 def plan_world_size(cfg: Any) -> int:
     """`plan_world_size`, else $WORLD_SIZE, else 1."""
@@ -234,15 +182,15 @@ def plan_activation_checkpointing(cfg: Any) -> bool:
 
 # ----------------------------------------------------------------------------- model
 def _plan_tokenizer(model_cfg: Any) -> Any:
-    from cl_runner.tokenizers import ByteTokenizer
+    from cl_runner.models.tokenizers import ByteTokenizer
 
     if model_cfg.tokenizer in (None, "byte"):
         return ByteTokenizer()
     try:
         from transformers import AutoTokenizer
 
-        from cl_runner.models import resolve_model_path
-        from cl_runner.tokenizers import HFTokenizer
+        from cl_runner.models.build import resolve_model_path
+        from cl_runner.models.tokenizers import HFTokenizer
 
         return HFTokenizer(AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.tokenizer),
                                                          local_files_only=True))
@@ -257,7 +205,7 @@ def plan_model_config(model_cfg: Any, num_labels: Optional[int] = None) -> tuple
     YAMLs carry). Nothing is downloaded."""
     from transformers import AutoConfig
 
-    from cl_runner.models import ModelLoadError, random_init_config, resolve_model_path
+    from cl_runner.models.build import ModelLoadError, random_init_config, resolve_model_path
 
     extra = {"num_labels": num_labels} if num_labels is not None else {}
     if model_cfg.path is None:
@@ -291,7 +239,7 @@ def plan_model_config(model_cfg: Any, num_labels: Optional[int] = None) -> tuple
 
 def meta_model(model_cfg: Any, num_labels: Optional[int] = None) -> tuple[nn.Module, str]:
     """The model with every tensor on `meta` (shapes only), and where its sizes came from."""
-    from cl_runner.models import _auto_class
+    from cl_runner.models.build import _auto_class
 
     if model_cfg.kind == "classifier" and num_labels is None:
         num_labels = 2  # the head is hidden x labels: negligible at any realistic label count
@@ -307,7 +255,7 @@ def _is_matmul(module: nn.Module) -> bool:
 
 
 def model_facts(model_cfg: Any) -> ModelFacts:
-    from cl_runner.strategies.parts.model_parts import block_stacks
+    from cl_runner.models.parts import block_stacks
 
     model, source = meta_model(model_cfg)
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
@@ -335,249 +283,12 @@ def model_facts(model_cfg: Any) -> ModelFacts:
 
 
 # ----------------------------------------------------------------------------- strategies
-def svd_target_bytes(m: int, n: int, k: int, projection: str = "two_sided", basis_bytes: int = FP32,
-                     param_bytes: int = FP32) -> tuple[int, int]:
-    """(bases, anchors) in bytes that `ProjectionGroups` holds for one m x n target
-    preserving k directions on each side (U: m x k, V: n x k). A side with 2k > dim is
-    stored through its complement (dim x (dim - k)); a target with a complement side keeps
-    a dense anchor (m x n, weights' dtype), otherwise the factored anchors are fp32:
-    two_sided Uᵀ W (k x n) and W V (m x k), high_block Uᵀ W V (k x k)."""
-    def side(dim: int) -> tuple[str, int]:
-        if k == 0 and projection == "two_sided":
-            return "none", 0
-        if 2 * k > dim:
-            return "complement", dim - k
-        return "basis", k
-
-    (lk, lw), (rk, rw) = side(m), side(n)
-    bases = (m * lw + n * rw) * basis_bytes
-    if lk == "none" and rk == "none":
-        return bases, 0
-    if "complement" in (lk, rk):
-        return bases, m * n * param_bytes
-    if projection == "high_block":
-        return bases, k * k * FP32
-    return bases, ((k * n if lk == "basis" else 0) + (m * k if rk == "basis" else 0)) * FP32
-
-
-def _svd_k(dim: int, fraction: float, rounding: str, size: Optional[int] = None) -> int:
-    """k for a matrix of rank dimension `dim`; the fraction multiplies `size` (default dim;
-    max(m, n) under rank.fraction_of=max_dim)."""
-    from cl_runner.strategies.svd_orthogonal.rank import _EPS, _round_half_up, clamp_rank
-
-    size = dim if size is None else size
-    raw = _round_half_up(fraction * size) if rounding == "half_up" else math.floor(fraction * size + _EPS)
-    return clamp_rank(raw, dim)
-
-
-def _fraction_size(r: Any, m: int, n: int) -> int:
-    return max(m, n) if r.mode == "ratio" and r.get("fraction_of", "min_dim") == "max_dim" else min(m, n)
-
-
-def _estimate_svd(s: Any, facts: ModelFacts, param_bytes: int, n_tasks: int) -> StrategyEstimate:
-    from cl_runner.strategies.base import plain_config
-    from cl_runner.strategies.svd_orthogonal.strategy import BASIS_DTYPES
-    from cl_runner.strategies.svd_orthogonal.rank import scheduled_fraction
-    from cl_runner.strategies.svd_orthogonal.targets import find_targets
-
-    targets = find_targets(facts.model, facts.family, plain_config(s.targets) or {})
-    shapes = [tuple(t.param.shape) for t in targets]
-    basis_bytes = torch.empty((), dtype=BASIS_DTYPES[s.basis_dtype]).element_size()
-    r = s.rank
-    if r.mode == "ratio":
-        base, rounding = 1.0 - r.unfreeze_ratio, "floor"
-        how = f"ratio mode: k = floor(min(m, n) x {base:g})"
-    else:
-        base, rounding = r.trr, "half_up"
-        how = (f"adaptive mode: k = round(min(m, n) x trr={r.trr:g}) (a layer of mean importance, not a "
-               "bound)")
-    best: tuple[int, int, int, float] = (-1, 0, 0, base)
-    for t in range(max(1, n_tasks)):  # the schedule may grow k; the stored bytes need not grow with it
-        fraction = scheduled_fraction(base, t, r.schedule_step, r.schedule_cap)
-        if s.bases == "accumulate":
-            fraction = max(fraction, s.rank_budget)  # worst case: the union has reached the budget
-        bases = anchors = 0
-        for m, n in shapes:
-            k = _svd_k(min(m, n), fraction, "floor" if s.bases == "accumulate" else rounding, _fraction_size(r, m, n))
-            b, a = svd_target_bytes(m, n, k, s.projection, basis_bytes, param_bytes)
-            bases, anchors = bases + b, anchors + a
-        if bases + anchors > best[0]:
-            best = (bases + anchors, bases, anchors, fraction)
-    total, bases, anchors, fraction = best
-    notes = [f"ProjectionGroups (the unsharded implementation): {len(targets)} targets, {how}: "
-             f"bases {gib(bases)}, weight anchors {gib(anchors)}"]
-    if s.bases == "accumulate":
-        kept = sum((m + n) * _svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes) * FP32
-        total += kept
-        notes.append(f"bases=accumulate: the union at its rank_budget={s.rank_budget:g} (worst case) plus its "
-                     f"fp32 copy ({gib(kept)})")
-    # project_weight_update_ stacks each bucket (targets of one shape) in fp32; a bucket with a
-    # dense anchor also holds the projected copy while the anchor is taken.
-    transient = 0
-    for shape in set(shapes):
-        m, n = shape
-        count = shapes.count(shape)
-        k = _svd_k(min(m, n), fraction, rounding, _fraction_size(r, m, n))
-        dense = 2 * k > min(m, n)
-        transient = max(transient, count * m * n * FP32 * (2 if dense else 1))
-    trainable = sum(m * n for m, n in shapes) if s.freeze_untargeted else None
-    freeze = ["freeze_untargeted: only the targets train (gradients and optimizer state for them alone)"]
-    if s.freeze_untargeted:
-        notes += freeze
-
-    def sharded(world: int) -> ShardedEstimate:
-        est = _estimate_svd_sharded(s, shapes, basis_bytes, param_bytes, n_tasks, world, how)
-        if s.freeze_untargeted:
-            est.notes += freeze
-        return est
-
-    return StrategyEstimate("svd_orthogonal", state_bytes=total, transient_bytes=transient,
-                            trainable_params=trainable, notes=notes,
-                            transient_note="fp32 stack of the largest same-shape bucket in the weight projection",
-                            sharded=sharded)
-
-
-def svd_sharded_side_widths(m: int, n: int, k: int, projection: str = "two_sided") -> tuple[int, int]:
-    """(left, right) columns `ShardedSubspaces` stores for one m x n target preserving k
-    directions per side: U (m x k) and V (n x k), or in two_sided mode a side's orthonormal
-    complement (dim - k columns) where 2k > dim; high_block always keeps the bases."""
-    def width(dim: int) -> int:
-        return dim - k if projection == "two_sided" and 2 * k > dim else k
-
-    return width(m), width(n)
-
-
-def svd_sharded_bytes(shapes: list[tuple[int, int]], ks: list[int], world: int, projection: str = "two_sided",
-                      basis_bytes: int = FP32, param_bytes: int = FP32,
-                      bucket_mb: float = 256.0) -> tuple[int, int, int, int]:
-    """What `strategies/svd_orthogonal/sharded.ShardedSubspaces` holds on rank 0 (the largest chunks)
-    at `world` ranks: (bases, largest projection bucket, W_before, number of buckets).
-
-    bases: per target, the left side's rows split like the weight and the right side's in
-    even chunks, ceil(dim / world) rows each, in the basis dtype; no weight anchors.
-    bucket: targets packed in order while their (n x right + left x n) x 4 bytes fit in
-    `bucket_mb` (ShardedSubspaces._buckets); a bucket holds the all-gathered right sides
-    (n x width, fp32), the products (left width x n, or k x k in high_block, fp32) and fp32
-    work copies of the local rows (ceil(m / world) x n).
-    W_before: every target's local rows in the weights' dtype, from before the optimizer
-    step to the projection of its update (remember_weights)."""
-    limit = int(bucket_mb * 2 ** 20)
-    bases = before = 0
-    buckets: list[int] = []
-    size = work = 0
-    opened = False
-    for (m, n), k in zip(shapes, ks):
-        lw, rw = svd_sharded_side_widths(m, n, k, projection)
-        rows_m, rows_n = math.ceil(m / world), math.ceil(n / world)
-        bases += (rows_m * lw + rows_n * rw) * basis_bytes
-        before += rows_m * n * param_bytes
-        cost = (n * rw + lw * n) * 4
-        if opened and size + cost > limit:
-            buckets.append(work)
-            size = work = 0
-        opened = True
-        size += cost
-        product = lw * rw if projection == "high_block" else lw * n
-        work += (n * rw + product + rows_m * n) * FP32
-    if opened:
-        buckets.append(work)
-    return bases, max(buckets, default=0), before, len(buckets)
-
-
-def _estimate_svd_sharded(s: Any, shapes: list[tuple[int, int]], basis_bytes: int, param_bytes: int,
-                          n_tasks: int, world: int, how: str) -> ShardedEstimate:
-    from cl_runner.strategies.svd_orthogonal.rank import scheduled_fraction
-
-    r = s.rank
-    base, rounding = (1.0 - r.unfreeze_ratio, "floor") if r.mode == "ratio" else (r.trr, "half_up")
-    mb = float(s.get("sharded_bucket_mb", 256.0))
-    worst = {1: (0, 0, 0, 0), world: (0, 0, 0, 0)}
-    for t in range(max(1, n_tasks)):  # the schedule may grow k: the largest over the tasks
-        if s.bases == "accumulate":  # the union never grows past its rank_budget
-            ks = [_svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes]
-        else:
-            fraction = scheduled_fraction(base, t, r.schedule_step, r.schedule_cap)
-            ks = [_svd_k(min(m, n), fraction, rounding, _fraction_size(r, m, n)) for m, n in shapes]
-        for w in worst:
-            got = svd_sharded_bytes(shapes, ks, w, s.projection, basis_bytes, param_bytes, mb)
-            worst[w] = tuple(max(a, b) for a, b in zip(worst[w], got))  # type: ignore[assignment]
-    (bases1, bucket1, before1, _), (bases, bucket, before, n_buckets) = worst[1], worst[world]
-    sides = "basis" if s.projection == "high_block" else "basis or complement"
-    notes = [f"strategies/svd_orthogonal/sharded.ShardedSubspaces (the trainer.sharding=fsdp implementation): "
-             f"{len(shapes)} targets, {how}: bases only ({sides} per side, {basis_bytes} B), in row shards of "
-             f"ceil(rows / {world}), no weight anchors"]
-    if s.bases == "accumulate":
-        notes.append(f"bases=accumulate: the union at its rank_budget={s.rank_budget:g} (worst case), kept only "
-                     "as the stored sides")
-    transient_note = (f"ShardedSubspaces per step: the largest of {n_buckets} projection buckets "
-                      f"(sharded_bucket_mb={mb:g}; all-gathered right sides, products, fp32 work rows) "
-                      f"{gib(bucket)} + W_before (every target's local rows in the weights' dtype, {param_bytes} B, "
-                      f"across the optimizer step) {gib(before)}")
-    return ShardedEstimate(state_unsharded=bases1, state_per_rank=bases, transient_unsharded=bucket1 + before1,
-                           transient_per_rank=bucket + before, notes=notes, transient_note=transient_note)
-
-
-def _estimate_ewc(s: Any, facts: ModelFacts, trainable: int, n_tasks: int) -> StrategyEstimate:
-    pairs = 1 if s.mode == "online" else max(1, n_tasks - 1)
-    note = (f"Fisher + anchor: 2 fp32 copies of the {count(trainable)} trainable parameters per kept pair; "
-            + ("online: 1 pair" if s.mode == "online" else
-               f"separate: one pair per past task, {pairs} while training the last of {n_tasks} tasks"))
-    return StrategyEstimate("ewc", state_bytes=2 * FP32 * trainable * pairs, transient_bytes=FP32 * trainable * pairs,
-                            notes=[note], transient_note="the penalty's autograd keeps theta - theta* (fp32) until backward")
-
-
-def _estimate_hft(s: Any, facts: ModelFacts, param_bytes: int, seed: int) -> StrategyEstimate:
-    from cl_runner.strategies.base import plain_config
-    from cl_runner.strategies.hft import _own_params, _round_half_up, block_units, choose_frozen_modules
-
-    units = block_units(facts.model, facts.family, plain_config(s.modules) or {})
-    every = [u for blocks in units.values() for cats in blocks for us in cats.values() for u in us]
-    if s.granularity == "module":
-        frozen = sum(p.numel() for u in choose_frozen_modules(units, s.ratio, random.Random(f"hft:{seed}:0"))
-                     for p in _own_params(u.module).values())
-        if not s.carry_optimizer:
-            return StrategyEstimate("hft", trainable_params=facts.params - frozen, notes=[
-                f"module granularity: {count(frozen)} parameters frozen per task leave the optimizer "
-                "(no gradients, no moments); nothing saved"])
-        return StrategyEstimate("hft", state_bytes=frozen * param_bytes, notes=[
-            f"carry_optimizer: the frozen modules' values ({count(frozen)} parameters, {param_bytes} B each) are "
-            "saved and restored after every step"])
-    saved = index = 0
-    for u in every:
-        params = _own_params(u.module)
-        if s.granularity == "row":
-            first = next(iter(params))
-            rows = params[first].shape[u.row_dim[first]]
-            k = _round_half_up(s.ratio * rows)
-            saved += sum(k * (p.numel() // rows) for p in params.values())
-            index += k * 8 * len(params)  # one int64 row index per parameter
-        else:
-            for p in params.values():
-                saved += _round_half_up(s.ratio * p.numel())
-                index += p.numel()  # bool mask
-    return StrategyEstimate("hft", state_bytes=saved * param_bytes + index, notes=[
-        f"{s.granularity} granularity: the frozen {count(saved)} values ({param_bytes} B each) and their "
-        f"{'row indices' if s.granularity == 'row' else 'bool masks'}"])
-
-
-def _estimate_lines(node: Any, facts: ModelFacts, param_bytes: int) -> StrategyEstimate:
-    if node.reference_on_cpu:
-        return StrategyEstimate("lines", notes=[f"lines: its fp32 reference ({gib(FP32 * facts.params)}) is in "
-                                                "host memory (reference_on_cpu)"])
-    est = StrategyEstimate("lines", state_bytes=FP32 * facts.params,
-                           notes=["lines: one fp32 reference copy of the weights"])
-    if node.apply_to == "eval_only":
-        est.transient_bytes = param_bytes * facts.params
-        est.transient_note = "eval_only: a copy of the weights while the scaled ones are evaluated"
-    return est
-
-
 def adapter_sizes(cfg: Any, facts: ModelFacts) -> Optional[tuple[int, int]]:
     """(parameters of one LoRA, parameters of a classifier's head) under model.adapter=lora,
     from the meta-device model (None without an adapter): r x (in + out) per target layer."""
     if cfg.model.get("adapter", "none") != "lora":
         return None
-    from cl_runner.adapters import default_target_modules, head_modules
+    from cl_runner.models.adapters import default_target_modules, head_modules
 
     lora = cfg.model.lora
     targets = list(lora.target_modules) if lora.target_modules else default_target_modules(facts.family)
@@ -592,54 +303,20 @@ def adapter_sizes(cfg: Any, facts: ModelFacts) -> Optional[tuple[int, int]]:
     return one, head
 
 
-def adapter_count(cfg: Any, n_tasks: int) -> int:
-    """How many LoRAs the run holds: one per task for O-LoRA, else one."""
-    return max(1, n_tasks) if cfg.strategy.name == "olora" else 1
+def strategy_estimate(cfg: Any, facts: ModelFacts, n_tasks: int, stack: Any = None) -> StrategyEstimate:
+    """The run's strategy stack's own estimate (`Strategy.memory_estimate`: the base and its
+    add-ons), with what model.adapter=lora changes about what trains."""
+    from cl_runner.strategies import build_strategy
 
-
-def strategy_estimate(cfg: Any, facts: ModelFacts, n_tasks: int) -> StrategyEstimate:
-    """The base strategy and its enabled add-ons, summed."""
-    param_bytes = DTYPE_BYTES[cfg.model.dtype]
-    s = cfg.strategy
-    name = s.name
+    stack = stack if stack is not None else build_strategy(cfg)
     adapter = adapter_sizes(cfg, facts)
     trainable = facts.params if adapter is None else sum(adapter)  # what strategies see as trainable
+    inputs = PlanInputs(cfg=cfg, facts=facts, n_tasks=n_tasks, param_bytes=DTYPE_BYTES[cfg.model.dtype],
+                        trainable=trainable, adapter_params=adapter[0] if adapter else None)
     try:
-        if name in ("seq_ft", "multitask"):
-            est = StrategyEstimate(name, notes=[f"{name}: no state of its own"])
-        elif name == "olora":
-            kept = (adapter_count(cfg, n_tasks) - 1) * (adapter[0] if adapter else 0)
-            est = StrategyEstimate(name, state_bytes=kept * param_bytes, notes=[
-                f"olora: the frozen LoRAs of the finished tasks, {count(kept)} parameters after the last task"])
-        elif name == "ewc":
-            est = _estimate_ewc(s, facts, trainable, n_tasks)
-        elif name == "svd_orthogonal":
-            est = _estimate_svd(s, facts, param_bytes, n_tasks)
-        elif name == "hft":
-            est = _estimate_hft(s, facts, param_bytes, int(cfg.seed))
-        elif name == "classp":
-            est = StrategyEstimate("classp", optimizer_bytes_per_param=FP32,
-                                   optimizer_note="CLASSP's update rule: one fp32 accumulator per parameter "
-                                                  "(replaces AdamW; kept across tasks)",
-                                   notes=["classp: its state is the optimizer's accumulator (optimizer row)"])
-        else:
-            est = StrategyEstimate(name, notes=[f"{name}: not known to the memory plan, its state is not counted"])
+        est = stack.memory_estimate(inputs)
     except ValueError as err:  # e.g. target patterns that match nothing: the run would fail the same way
-        est = StrategyEstimate(name, notes=[f"{name}: state not estimated ({err})"])
-    lines = cfg.get("lines")
-    if lines is not None and lines.get("enabled"):
-        extra = _estimate_lines(lines, facts, param_bytes)
-        est.state_bytes += extra.state_bytes
-        est.notes += extra.notes
-        est.addon_state_bytes += extra.state_bytes
-        est.addon_notes += extra.notes
-        if extra.transient_bytes > est.transient_bytes:
-            est.transient_bytes, est.transient_note = extra.transient_bytes, extra.transient_note
-        if extra.transient_bytes > est.addon_transient_bytes:
-            est.addon_transient_bytes, est.addon_transient_note = extra.transient_bytes, extra.transient_note
-    replay = cfg.get("replay")
-    if replay is not None and replay.get("enabled"):
-        est.notes.append("replay: its buffer is examples in host memory (negligible on the GPU)")
+        est = StrategyEstimate(stack.name, notes=[f"{stack.name}: state not estimated ({err})"])
     if adapter is not None:  # only the current LoRA (and a classifier's head) has gradients and optimizer state
         est.trainable_params = trainable
         est.notes.append(f"model.adapter=lora: {count(adapter[0])} LoRA parameters per adapter"
@@ -682,17 +359,7 @@ def assemble(cfg: Any, facts: ModelFacts, est: StrategyEstimate, world_size: int
                         f"AdamW exp_avg + exp_avg_sq in {dtype} (torch keeps them in the weights' dtype)"))
     else:
         rows.append(row("optimizer state", T * est.optimizer_bytes_per_param, est.optimizer_note))
-    anneal = cfg.get("lr_schedule")
-    if anneal is not None and anneal.get("enabled") and anneal.get("curve") == "infinite" \
-            and int(anneal.get("anneal_steps", 0)) > 0:
-        # The anneal steps a copy of the optimizer state, and one spare copy of the weights
-        # holds the annealed (or the trained) weights while the other is in the model.
-        optimizer_bytes = rows[-1].unsharded_bytes
-        spare = 0 if anneal.get("backup_on_cpu") else P * pb
-        rows.append(row("anneal copies (infinite schedule)", optimizer_bytes + spare,
-                        "lr_schedule.curve=infinite: the anneal's copy of the optimizer state"
-                        + ("; the spare weights are in host memory (backup_on_cpu)" if not spare
-                           else f" and one spare copy of the weights ({dtype})")))
+    rows += [row(name, size, note) for name, size, note in est.rows]  # the strategy's own rows
     own = est.sharded(world_size) if sharding == "fsdp" and est.sharded is not None else None
     if own is None:
         rows.append(row(f"strategy state ({est.name})", est.state_bytes, "; ".join(est.notes)))
@@ -778,10 +445,15 @@ def build_plan(cfg: Any, world_size: Optional[int] = None, sharding: Optional[st
     gpu = gpu_memory_gb if gpu_memory_gb is not None else plan_gpu_memory_gb(cfg)
     ckpt = plan_activation_checkpointing(cfg)
     facts = facts or model_facts(cfg.model)
+    from cl_runner.strategies import build_strategy
+
+    stack = build_strategy(cfg)
+    n_tasks = planned_tasks(cfg)
     adapter = adapter_sizes(cfg, facts)
-    if adapter is not None:  # the adapters' own parameters sit beside the base model's
-        facts = dataclasses.replace(facts, params=facts.params + adapter_count(cfg, planned_tasks(cfg)) * adapter[0])
-    est = strategy_estimate(cfg, facts, planned_tasks(cfg))
+    if adapter is not None:  # the adapters' own parameters sit beside the base model's (O-LoRA: one per task)
+        count_ = len(stack.adapter_names(n_tasks) or [None])
+        facts = dataclasses.replace(facts, params=facts.params + count_ * adapter[0])
+    est = strategy_estimate(cfg, facts, n_tasks, stack)
     plan = assemble(cfg, facts, est, world, mode, ckpt, gpu)
     if gpu is not None and not plan.fits:
         for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
@@ -793,23 +465,6 @@ def build_plan(cfg: Any, world_size: Optional[int] = None, sharding: Optional[st
 
 
 # ----------------------------------------------------------------------------- printing
-def gib(n: float) -> str:
-    if n >= GIB / 10:
-        return f"{n / GIB:.2f} GiB"
-    if n >= 1024 ** 2:
-        return f"{n / 1024 ** 2:.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{int(n)} B"
-
-
-def count(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
 def format_plan(plan: MemoryPlan) -> str:
     head = (f"Memory plan (per rank; model built on the meta device, nothing loaded): {plan.model} "
             f"({plan.family}, {plan.kind}), {count(plan.params)} parameters, {count(plan.trainable_params)} trainable")

@@ -100,7 +100,7 @@ def last_error_line(text: str) -> str:
 def baseline_rss(device: str) -> Optional[int]:
     """Peak RSS of a process that only imports what a run imports (the floor under every
     CPU row)."""
-    code = ("import resource, torch, transformers, accelerate, cl_runner.cli, cl_runner.loop; "
+    code = ("import resource, torch, transformers, accelerate, cl_runner.cli, cl_runner.training.loop; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     done = subprocess.run([sys.executable, "-c", code], env=env_for(device), capture_output=True, text=True,
                           timeout=300, cwd=REPO)
@@ -138,8 +138,8 @@ def run_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from cl_runner.config import validate
-    from cl_runner.config_paths import package_configs
+    from cl_runner.config.validate import validate
+    from cl_runner.config.paths import package_configs
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(package_configs()), version_base=None):

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     seeded = several or any(f.name != label for label, f in finished)  # <label>_s<seed> folders
     if seeded and args.baseline != "none" and any(label == args.baseline for label, _ in finished):
         baseline = ["--baseline", args.baseline]
-    report = subprocess.run([sys.executable, "-m", "cl_runner.results.report", str(runs_dir), "--out", str(out),
+    report = subprocess.run([sys.executable, "-m", "cl_runner.reporting.report", str(runs_dir), "--out", str(out),
                              "--format", "markdown", *baseline], check=True, capture_output=True, text=True)
     found_seeds = sorted({m.get("seed") for m in metrics_of.values()}, key=lambda s: (s is None, s))
     seed_text = f"seed{'s' if len(found_seeds) > 1 else ''} {', '.join(map(str, found_seeds))}"

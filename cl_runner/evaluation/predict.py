@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from cl_runner.batching import Collator, masked_class_logits
+from cl_runner.models.batching import Collator, masked_class_logits
 from cl_runner.streams.task import Example, Task
 
 

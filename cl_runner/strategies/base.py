@@ -1,21 +1,25 @@
 """The strategy protocol: loop-agnostic hooks in Avalanche's vocabulary.
 
-The loop calls every hook at a fixed point (see `cl_runner/loop.py`) and never names a
-strategy. Every hook is a no-op by default, so a strategy overrides only what it changes.
-Base strategies (seq_ft, ewc, ...) and add-ons (replay, lr_schedule, lines) implement the
-same protocol; `StrategyStack` in `stack.py` runs one base and any add-ons together.
+The loop calls every hook at a fixed point (see `cl_runner/training/loop.py`) and never
+names a strategy. Every hook is a no-op by default, so a strategy overrides only what it
+changes; `memory_estimate` is the one method every strategy must write. Base strategies
+(seq_ft, ewc, ...) and add-ons (replay, lr_schedule, lines) implement the same protocol;
+`StrategyStack` in `stack.py` runs one base and any add-ons together. What the rest of the
+program needs to know without running a strategy (kind, label order, what it supports)
+is declared with `@register` (`registry.py`). docs/writing_a_strategy.md walks through it.
 
 Task indices `t` are 0-based throughout the code (task t is row t+1 of R).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.streams.task import Example, Task, TaskStream
 
 Batch = dict[str, torch.Tensor]
@@ -47,7 +51,6 @@ class StrategyContext:
     # True while `anneal` runs: per-step hooks run as in training, and a hook that gathers
     # statistics of the training steps (EWC's trace_online Fisher) leaves the anneal out.
     annealing: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -55,24 +58,43 @@ class StrategyContext:
 
 
 class Strategy:
-    """Base class with no-op hooks. Subclasses set `name` and take their config node."""
+    """Base class with no-op hooks. `@register` sets `name`; the constructor takes the
+    strategy's validated config node and checks its options (ValueError naming the key)."""
 
     name: str = "base"
+    # -- declared facts (class attributes; a constructor may set them from its options) --
     # Keep the optimizer (and its moments) from one task to the next.
     carry_optimizer: bool = False
     # Sets requires_grad=False on some parameters during training. Under DDP every
     # parameter registered at wrap time must get a gradient each step unless unused
     # parameters are detected, so cl-run turns that detection on for such strategies.
     freezes_parameters: bool = False
-    # Why this strategy cannot run on adapter weights (model.adapter=lora), or None if it can.
-    # Checked by build_strategy before anything is built.
-    adapter_refusal: Optional[str] = None
+    # Replaces AdamW's update rule (classp): a stack refuses a second owner, and any member
+    # that sets `lr_lambda` (a learning-rate curve meant for AdamW).
+    owns_update_rule: bool = False
+    # Makes the choice of `optimizer` / `lr_lambda`; None = it does when its class
+    # overrides the hook. A stack refuses two members that make the same choice.
+    sets_optimizer: Optional[bool] = None
+    sets_lr_lambda: Optional[bool] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
         self.ctx: StrategyContext | None = None
         # A strategy whose config has `carry_optimizer` follows it (seq_ft, ewc, hft, ...).
         self.carry_optimizer = bool(getattr(config, "carry_optimizer", type(self).carry_optimizer))
+
+    # -- checks and cost, before anything is built ---------------------------------
+    def check_run_config(self, cfg: Any) -> None:
+        """Refuse (ValueError, one line naming the key and the fix) a run config this
+        strategy cannot train with; called with the whole validated config before any
+        folder or model exists (classp: clipping in absolute mode)."""
+
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        """Bytes of state this strategy keeps beyond model and optimizer (and its largest
+        transient working set, and any change to the optimizer's state), counted the way
+        its code allocates them, for `cl-run dry_run=true`. Every strategy writes one; a
+        stateless strategy says so in a note."""
+        raise NotImplementedError(f"strategy {self.name!r} has no memory_estimate")
 
     # -- life cycle ---------------------------------------------------------------
     def adapter_names(self, num_tasks: int) -> Optional[list[str]]:

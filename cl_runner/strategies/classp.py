@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from cl_runner.ops.selection import kth_largest
-from cl_runner.sharding import is_sharded, local
+from cl_runner.distributed.sharding import is_sharded, local
 from cl_runner.strategies.base import Strategy, StrategyContext
-from cl_runner.strategies.lr_schedule import OWNS_UPDATE_RULE, SCHEDULE_ADDON
+from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import register
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 THRESHOLD_MODES = ("absolute", "quantile")
 
@@ -178,7 +178,8 @@ def clipping_conflict(max_grad_norm: Any, threshold_mode: str) -> Optional[str]:
     return None
 
 
-@register("classp", config=ClaSPConfig)
+@register("classp", config=ClaSPConfig,
+          summary="CLASSP: per-weight step sizes from accumulated squared gradients, updates above a threshold only")
 class ClaSP(Strategy):
     # The accumulators live in the optimizer and must survive task boundaries.
     carry_optimizer = True
@@ -204,6 +205,12 @@ class ClaSP(Strategy):
         self.updated: Any = 0.0
         self.considered = 0
 
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        return StrategyEstimate(self.name, optimizer_bytes_per_param=FP32,
+                                optimizer_note="CLASSP's update rule: one fp32 accumulator per parameter "
+                                               "(replaces AdamW; kept across tasks)",
+                                notes=["classp: its state is the optimizer's accumulator (optimizer row)"])
+
     def check_run_config(self, cfg: Any) -> None:
         """Called by build_strategy with the whole validated run config, before any folder or
         model exists: refuses clipping in absolute mode (a ValueError; cl-run: config error)."""
@@ -219,10 +226,6 @@ class ClaSP(Strategy):
         message = clipping_conflict(getattr(ctx.trainer, "max_grad_norm", None), self.config.threshold_mode)
         if message:
             raise ValueError(message)
-        if ctx.extras.get(SCHEDULE_ADDON):
-            raise ValueError("strategy=classp cannot be combined with lr_schedule.enabled=true: classp replaces AdamW "
-                             "with its own update rule and the lr_schedule curves are meant for AdamW")
-        ctx.extras[OWNS_UPDATE_RULE] = self.name
 
     def optimizer(self, named_params: list[tuple[str, nn.Parameter]],
                   previous: Optional[torch.optim.Optimizer]) -> torch.optim.Optimizer:

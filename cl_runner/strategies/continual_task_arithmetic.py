@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from cl_runner.ops.merging import vector_norm
-from cl_runner.strategies.parts.merging import ContinualMerging
+from cl_runner.strategies.parts.merging import FSDP_REFUSAL, ContinualMerging
 from cl_runner.strategies.registry import register
-from cl_runner.checks import require
+from cl_runner.errors import require
 
 
 @dataclass
@@ -36,7 +36,9 @@ def check_scaling_factor(value: float) -> None:
     require(0.0 < value <= 1.0, "strategy.scaling_factor", value, "use a lambda in (0, 1] (task arithmetic sweeps 0.1..1.0)")
 
 
-@register("continual_task_arithmetic", config=ContinualTaskArithmeticConfig)
+@register("continual_task_arithmetic", config=ContinualTaskArithmeticConfig,
+          summary="continual task arithmetic: every task from theta_0, task vectors summed with a fixed scale",
+          sharding=FSDP_REFUSAL)
 class ContinualTaskArithmetic(ContinualMerging):
     def __init__(self, config: ContinualTaskArithmeticConfig) -> None:
         super().__init__(config)

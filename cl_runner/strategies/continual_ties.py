@@ -25,9 +25,9 @@ import torch
 
 from cl_runner.ops.merging import MERGE_FUNCS, ties_merge_dicts, vector_norm
 from cl_runner.strategies.continual_task_arithmetic import check_scaling_factor
-from cl_runner.strategies.parts.merging import ContinualMerging
+from cl_runner.strategies.parts.merging import FSDP_REFUSAL, ContinualMerging
 from cl_runner.strategies.registry import register
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 
 @dataclass
@@ -42,7 +42,9 @@ class ContinualTiesConfig:
     state_on_cpu: bool = False
 
 
-@register("continual_ties", config=ContinualTiesConfig)
+@register("continual_ties", config=ContinualTiesConfig,
+          summary="continual TIES merging: trimmed, sign-elected task vectors merged after each task",
+          sharding=FSDP_REFUSAL)
 class ContinualTies(ContinualMerging):
     def __init__(self, config: ContinualTiesConfig) -> None:
         super().__init__(config)

@@ -46,11 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_runner.sharding import global_numel, global_sum, is_sharded, local
-from cl_runner.strategies.base import Batch, Strategy, StrategyContext, tensor_bytes
+from cl_runner.distributed.sharding import global_numel, global_sum, is_sharded, local
+from cl_runner.strategies.base import Batch, Strategy, tensor_bytes
+from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 IGNORE = -100
 MODES = ("online", "separate")
@@ -116,8 +117,19 @@ def sample_labels(model: nn.Module, batch: Batch, kind: str, generator: Optional
     return out
 
 
-@register("ewc", config=EWCConfig)
+@register("ewc", config=EWCConfig, summary="elastic weight consolidation: a Fisher-weighted pull toward earlier tasks' weights",
+          example=("strategy.ewc_lambda=100",))
 class ElasticWeightConsolidation(Strategy):
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        s, trainable, n_tasks = self.config, inputs.trainable, inputs.n_tasks
+        pairs = 1 if s.mode == "online" else max(1, n_tasks - 1)
+        note = (f"Fisher + anchor: 2 fp32 copies of the {count(trainable)} trainable parameters per kept pair; "
+                + ("online: 1 pair" if s.mode == "online" else
+                   f"separate: one pair per past task, {pairs} while training the last of {n_tasks} tasks"))
+        return StrategyEstimate(self.name, state_bytes=2 * FP32 * trainable * pairs,
+                                transient_bytes=FP32 * trainable * pairs, notes=[note],
+                                transient_note="the penalty's autograd keeps theta - theta* (fp32) until backward")
+
     def __init__(self, config: EWCConfig) -> None:
         super().__init__(config)
         for key, allowed in (("mode", MODES), ("fisher", FISHERS), ("granularity", GRANULARITIES)):

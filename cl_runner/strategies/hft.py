@@ -49,10 +49,12 @@ import torch
 from torch import nn
 
 from cl_runner.strategies.base import Strategy, plain_config
-from cl_runner.strategies.parts.model_parts import block_stacks
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate, count
+from cl_runner.strategies.parts.rounding import round_half_up
+from cl_runner.models.parts import block_stacks
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 GRANULARITIES = ("module", "row", "element")
 _STATE_VERSION = 1
@@ -110,8 +112,7 @@ class _Mask:
     saved: Optional[torch.Tensor] = None  # frozen values to restore after each step
 
 
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
+_round_half_up = round_half_up
 
 
 def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -206,9 +207,40 @@ def choose_frozen_modules(units: dict, ratio: float, rng: random.Random) -> list
     return frozen
 
 
-@register("hft", config=HFTConfig)
+@register("hft", config=HFTConfig, summary="half fine-tuning: half of each block's parameters frozen per task, chosen at random",
+          adapters="it freezes half of the base model's modules, which an adapter already freezes in full")
 class HalfFineTuning(Strategy):
-    adapter_refusal = "it freezes half of the base model's modules, which an adapter already freezes in full"
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        s, facts, param_bytes, seed = self.config, inputs.facts, inputs.param_bytes, int(inputs.cfg.seed)
+        units = block_units(facts.model, facts.family, plain_config(s.modules) or {})
+        every = [u for blocks in units.values() for cats in blocks for us in cats.values() for u in us]
+        if s.granularity == "module":
+            frozen = sum(p.numel() for u in choose_frozen_modules(units, s.ratio, random.Random(f"hft:{seed}:0"))
+                         for p in _own_params(u.module).values())
+            if not s.carry_optimizer:
+                return StrategyEstimate(self.name, trainable_params=facts.params - frozen, notes=[
+                    f"module granularity: {count(frozen)} parameters frozen per task leave the optimizer "
+                    "(no gradients, no moments); nothing saved"])
+            return StrategyEstimate(self.name, state_bytes=frozen * param_bytes, notes=[
+                f"carry_optimizer: the frozen modules' values ({count(frozen)} parameters, {param_bytes} B each) are "
+                "saved and restored after every step"])
+        saved = index = 0
+        for u in every:
+            params = _own_params(u.module)
+            if s.granularity == "row":
+                first = next(iter(params))
+                rows = params[first].shape[u.row_dim[first]]
+                k = _round_half_up(s.ratio * rows)
+                saved += sum(k * (p.numel() // rows) for p in params.values())
+                index += k * 8 * len(params)  # one int64 row index per parameter
+            else:
+                for p in params.values():
+                    saved += _round_half_up(s.ratio * p.numel())
+                    index += p.numel()  # bool mask
+        return StrategyEstimate(self.name, state_bytes=saved * param_bytes + index, notes=[
+            f"{s.granularity} granularity: the frozen {count(saved)} values ({param_bytes} B each) and their "
+            f"{'row indices' if s.granularity == 'row' else 'bool masks'}"])
+
 
     def __init__(self, config: HFTConfig) -> None:
         super().__init__(config)

@@ -40,10 +40,11 @@ from typing import Any, Mapping, Optional
 import torch
 
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
-from cl_runner.strategies.parts.model_parts import BlockPosition, parameter_blocks
+from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, gib
+from cl_runner.models.parts import BlockPosition, parameter_blocks
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Task
-from cl_runner.checks import require_choice
+from cl_runner.errors import require_choice
 
 HEAD_SCALES = ("alpha", "alpha_plus_beta")
 REFERENCES = ("pretrained", "previous_task")
@@ -96,10 +97,21 @@ def scale_task_vector_(params: Mapping[str, torch.Tensor], reference: Mapping[st
             p.copy_(scaled.to(p.dtype))
 
 
-@register("lines", config=LinesConfig, kind=ADDON)
+@register("lines", config=LinesConfig, kind=ADDON, order=30,
+          summary="LiNeS: each task's update scaled down in shallow blocks, kept in deep ones",
+          adapters=("it rescales the task vector of the base weights block by block, and under an adapter the base "
+                    "weights do not move"))
 class LayerScaling(Strategy):
-    adapter_refusal = ("it rescales the task vector of the base weights block by block, and under an adapter the base "
-                       "weights do not move")
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        node, params = self.config, inputs.facts.params
+        if node.reference_on_cpu:
+            return StrategyEstimate(self.name, notes=[f"lines: its fp32 reference ({gib(FP32 * params)}) is in "
+                                                      "host memory (reference_on_cpu)"])
+        est = StrategyEstimate(self.name, state_bytes=FP32 * params, notes=["lines: one fp32 reference copy of the weights"])
+        if node.apply_to == "eval_only":
+            est.transient_bytes = inputs.param_bytes * params
+            est.transient_note = "eval_only: a copy of the weights while the scaled ones are evaluated"
+        return est
 
     def __init__(self, config: LinesConfig) -> None:
         super().__init__(config)

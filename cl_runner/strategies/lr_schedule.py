@@ -29,18 +29,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cl_runner.sampling import EndlessShuffle
-from cl_runner.strategies.base import Strategy, StrategyContext
+from cl_runner.streams.sampling import EndlessShuffle
+from cl_runner.strategies.base import Strategy
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Example, Task
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 SCHEDULES = ("rewarm_cosine", "constant", "infinite")
 COOLDOWNS = ("cosine", "inv_sqrt")
 RESUME_FROM = ("trained", "annealed")
-# Key a base strategy sets in ctx.extras when it replaces AdamW's update rule (classp).
-OWNS_UPDATE_RULE = "owns_update_rule"
-SCHEDULE_ADDON = "lr_schedule_addon"
 
 
 @dataclass
@@ -112,7 +110,9 @@ def anneal_multiplier(step: int, anneal_steps: int, const_ratio: float, min_rati
 
 
 # ---------------------------------------------------------------------------- add-on
-@register("lr_schedule", config=LRScheduleConfig, kind=ADDON)
+@register("lr_schedule", config=LRScheduleConfig, kind=ADDON, order=10,
+          summary="learning-rate re-warming per task (rewarm_cosine) or the infinite schedule with an anneal",
+          example=("lr_schedule.curve=infinite", "lr_schedule.anneal_steps=2"))
 class LRSchedule(Strategy):
     def __init__(self, config: LRScheduleConfig) -> None:
         super().__init__(config)
@@ -135,15 +135,19 @@ class LRSchedule(Strategy):
         # resume_from trained: (task, annealed weights) from after_task to its evaluation.
         self._annealed: Optional[tuple[int, dict[str, torch.Tensor]]] = None
 
-    def setup(self, ctx: StrategyContext) -> None:
-        super().setup(ctx)
-        owner = ctx.extras.get(OWNS_UPDATE_RULE)
-        if owner is not None:
-            raise ValueError(
-                f"lr_schedule.enabled=true cannot be combined with strategy={owner}: {owner} replaces AdamW with its "
-                f"own update rule, whose step size is not an AdamW learning rate; the warmup/cosine/anneal curves "
-                f"of lr_schedule are meant for AdamW. Set lr_schedule.enabled=false or pick another strategy.")
-        ctx.extras[SCHEDULE_ADDON] = True
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        c = self.config
+        est = StrategyEstimate(self.name, notes=[f"lr_schedule: a learning-rate curve ({c.curve}), no tensors"])
+        if c.curve == "infinite" and int(c.anneal_steps) > 0:
+            # The anneal steps a copy of the optimizer state, and one spare copy of the weights
+            # holds the annealed (or the trained) weights while the other is in the model.
+            spare = 0 if c.backup_on_cpu else inputs.facts.params * inputs.param_bytes
+            dtype = inputs.cfg.model.dtype
+            est.rows.append(("anneal copies (infinite schedule)", inputs.optimizer_bytes() + spare,
+                             "lr_schedule.curve=infinite: the anneal's copy of the optimizer state"
+                             + ("; the spare weights are in host memory (backup_on_cpu)" if not spare
+                                else f" and one spare copy of the weights ({dtype})")))
+        return est
 
     # -- the per-task curve ------------------------------------------------------------
     def lr_lambda(self, t: int, num_steps: int) -> Optional[Callable[[int], float]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cl_runner.strategies.base import Strategy
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
 
@@ -17,8 +18,13 @@ class MultitaskConfig:
     carry_optimizer: bool = False
 
 
-@register("multitask", config=MultitaskConfig)
+@register("multitask", config=MultitaskConfig, summary="joint training on every task so far: the upper bound",
+          upper_bound=True)
 class MultitaskJoint(Strategy):
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        return StrategyEstimate(self.name, notes=[f"{self.name}: no state of its own (the union of the tasks' "
+                                                  "examples is in host memory)"])
+
     def _skipped(self, t: int) -> bool:
         return self.config.final_only and t < len(self.ctx.stream) - 1
 

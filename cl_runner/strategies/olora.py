@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from cl_runner.strategies.base import Batch, Strategy, StrategyContext
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate, count
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 FORMS = ("abs", "squared")
 
@@ -73,7 +74,10 @@ def residual(previous: torch.Tensor, current: torch.Tensor) -> tuple[float, floa
     return norm, (norm / scale if scale > 0 else 0.0)
 
 
-@register("olora", config=OLoRAConfig)
+@register("olora", config=OLoRAConfig,
+          summary="O-LoRA: one LoRA per task, kept orthogonal to the earlier tasks' LoRA subspaces",
+          sharding="it trains LoRA adapters, which trainer.sharding=fsdp does not shard yet",
+          example=("model.adapter=lora", "model.lora.dropout=0"))
 class OrthogonalLoRA(Strategy):
     # Earlier tasks' adapters stop getting gradients after DDP wrapped the model.
     freezes_parameters = True
@@ -90,6 +94,11 @@ class OrthogonalLoRA(Strategy):
         # residuals[t][i] = (frobenius, relative) of tasks t and i < t, over all layers together.
         self.residuals: dict[int, dict[int, tuple[float, float]]] = {}
 
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        kept = max(0, inputs.n_tasks - 1) * (inputs.adapter_params or 0)
+        return StrategyEstimate(self.name, state_bytes=kept * inputs.param_bytes, notes=[
+            f"olora: the frozen LoRAs of the finished tasks, {count(kept)} parameters after the last task"])
+
     def check_run_config(self, cfg: Any) -> None:
         adapter = cfg.model.get("adapter", "none")
         if adapter != "lora":
@@ -101,7 +110,7 @@ class OrthogonalLoRA(Strategy):
         return list(self.names)
 
     def setup(self, ctx: StrategyContext) -> None:
-        from cl_runner.adapters import is_adapted
+        from cl_runner.models.adapters import is_adapted
 
         super().setup(ctx)
         model = ctx.unwrapped_model
@@ -112,7 +121,7 @@ class OrthogonalLoRA(Strategy):
 
     # -- adapters -----------------------------------------------------------------------
     def _activate(self, t: int) -> None:
-        from cl_runner.adapters import activate
+        from cl_runner.models.adapters import activate
 
         self.current = t
         activate(self.ctx.unwrapped_model, self.names[:t + 1], trainable=self.names[t])
@@ -122,7 +131,7 @@ class OrthogonalLoRA(Strategy):
         self._previous_a = [[a.detach() for a, _ in self._factors(n)] for n in self.names[:t]]
 
     def _factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from cl_runner.adapters import lora_factors
+        from cl_runner.models.adapters import lora_factors
 
         return list(lora_factors(self.ctx.unwrapped_model, name).values())
 

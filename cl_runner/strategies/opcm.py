@@ -34,9 +34,9 @@ from torch import nn
 
 from cl_runner.ops.merging import opcm_merge_, vector_norm
 from cl_runner.strategies.base import StrategyContext
-from cl_runner.strategies.parts.merging import ContinualMerging
+from cl_runner.strategies.parts.merging import FSDP_REFUSAL, ContinualMerging
 from cl_runner.strategies.registry import register
-from cl_runner.checks import require
+from cl_runner.errors import require
 
 
 @dataclass
@@ -68,7 +68,9 @@ def linear_weight_names(model: nn.Module) -> list[str]:
     return names
 
 
-@register("opcm", config=OPCMConfig)
+@register("opcm", config=OPCMConfig,
+          summary="OPCM: task vectors merged after projection off the earlier merges' top singular subspaces",
+          sharding=FSDP_REFUSAL)
 class OrthogonalProjectionMerging(ContinualMerging):
     def __init__(self, config: OPCMConfig) -> None:
         super().__init__(config)

@@ -25,11 +25,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from cl_runner.sampling import EndlessShuffle
+from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.strategies.base import Strategy, StrategyContext
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Example, Task
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 MODES = ("mix", "separate_pass")
 SELECTIONS = ("random", "first")
@@ -105,8 +106,14 @@ def select_examples(examples: list[Example], per_task: Optional[int], share: Opt
     return [examples[i] for i in sorted(rng.sample(range(n), k))]
 
 
-@register("replay", config=ReplayConfig, kind=ADDON)
+@register("replay", config=ReplayConfig, kind=ADDON, order=20,
+          summary="experience replay: stored examples of earlier tasks mixed into every batch",
+          example=("replay.ratio=0.25",))
 class Replay(Strategy):
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        return StrategyEstimate(self.name, notes=["replay: its buffer is examples in host memory (negligible on "
+                                                  "the GPU)"])
+
     def __init__(self, config: ReplayConfig) -> None:
         super().__init__(config)
         for key, allowed in (("mode", MODES), ("selection", SELECTIONS)):

@@ -1,20 +1,16 @@
 """Run one base strategy and any number of add-ons as a single strategy.
 
-Hooks are called on every member in order (base first; `after_task` in reverse). Hooks that return a choice
-(`optimizer`, `lr_lambda`) accept at most one member that makes it; two is a config error, found when the
-stack is built (before any run folder or model exists) from what each member declares:
-
-  owns_update_rule  replaces AdamW's update rule (classp): no other member may own it or set `lr_lambda`
-                    (a learning-rate curve meant for AdamW would scale its step size);
-  sets_optimizer    returns an optimizer from `optimizer`;
-  sets_lr_lambda    returns a schedule from `lr_lambda`.
-
-A member that does not declare `sets_optimizer` / `sets_lr_lambda` is taken to set it when its class
-overrides the hook.
+Hooks are called on every member in order (base first, add-ons in their registered order;
+`after_task` in reverse). Hooks that return a choice (`optimizer`, `lr_lambda`) accept at
+most one member that makes it; two is a config error, found when the stack is built
+(before any run folder or model exists) from what each member declares (base.py):
+`owns_update_rule`, `sets_optimizer`, `sets_lr_lambda`. This is the only place those
+rules are enforced.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -22,6 +18,7 @@ from torch import nn
 
 from cl_runner.strategies import registry
 from cl_runner.strategies.base import Batch, Strategy, StrategyContext
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.streams.task import Example, Task
 
 
@@ -35,15 +32,11 @@ def declares(member: Strategy, hook: str) -> bool:
 
 def describe(member: Strategy) -> str:
     """How the user switched `member` on: `lr_schedule.enabled=true` or `strategy=classp`."""
-    if member.name in registry.registrations(registry.ADDON):
-        return f"{member.name}.enabled=true"
-    return f"strategy={member.name}"
+    return registry.of(member).switch_on
 
 
 def switch_off(member: Strategy) -> str:
-    if member.name in registry.registrations(registry.ADDON):
-        return f"set {member.name}.enabled=false"
-    return f"pick another strategy than {member.name}"
+    return registry.of(member).switch_off
 
 
 def check_combination(members: list[Strategy]) -> None:
@@ -169,6 +162,14 @@ class StrategyStack(Strategy):
 
     def extra_state_bytes(self) -> int:
         return sum(m.extra_state_bytes() for m in self.members)
+
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        """The base's estimate with every add-on's folded in (kept apart for FSDP layouts)."""
+        est = self.base.memory_estimate(inputs)
+        est.name = self.name
+        for m in self.members[1:]:
+            est.add_addon(m.memory_estimate(dataclasses.replace(inputs, base=est)))
+        return est
 
     def report(self) -> dict[str, Any]:
         return {m.name: r for m in self.members if (r := m.report())}

@@ -3,7 +3,7 @@ package's configs file by file (users keep their own models and streams beside t
 code). Hydra discovers it through the `hydra_plugins` namespace package, for every Hydra
 app in the environment, so it acts only when the app is cl-run (its search path holds
 cl-runner's own configs). For cl-run it also registers the schema defaults the option files
-build on (`cl_runner/config_schemas.py`)."""
+build on (`cl_runner/config/store.py`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +14,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 def _cl_runner_configs() -> Path | None:
     try:
-        from cl_runner.config_paths import package_configs
+        from cl_runner.config.paths import package_configs
 
         return package_configs().resolve()
     except (ImportError, FileNotFoundError):
@@ -29,7 +29,7 @@ class ClRunnerLocalConfigs(SearchPathPlugin):
         in_use = {p.path.removeprefix("file://") for p in search_path.get_path() if p.path}
         if str(ours) not in in_use:
             return  # another Hydra app: leave its search path alone
-        from cl_runner.config_schemas import register_schemas
+        from cl_runner.config.store import register_schemas
 
         register_schemas()  # the option files' defaults lists name these schema nodes
         local = (Path.cwd() / "configs").resolve()

@@ -49,7 +49,7 @@ class Interrupted(RuntimeError):
 
 def run_until_crash(overrides: list[str], workdir: Path, stop_at_step: int, monkeypatch) -> None:
     """Run `cl-run <overrides>` and kill it just before global optimizer step `stop_at_step`."""
-    from cl_runner.loop import ContinualLoop
+    from cl_runner.training.loop import ContinualLoop
 
     original = ContinualLoop._optimizer_step
 

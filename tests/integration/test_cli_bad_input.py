@@ -105,7 +105,7 @@ def test_the_run_that_loses_an_output_dir_race_gets_one_line(tmp_path, monkeypat
 
 # ------------------------------------------------------------------ a run whose loss diverges
 def test_nan_loss_stops_the_run_naming_task_and_step(tmp_path, monkeypatch, capsys):
-    import cl_runner.loop as loop
+    import cl_runner.training.loop as loop
 
     real, calls = loop.compute_loss, []
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cl_runner import environment
+from cl_runner.reporting import environment
 from tests.helpers import REPO, run_cl, run_until_crash
 
 SMALL = ["trainer.steps_per_task=5", "task_stream.train_size=64", "task_stream.test_size=8",
@@ -47,7 +47,7 @@ def test_killed_run_keeps_its_environment_and_report_says_it_left_it_out(tmp_pat
     assert json.loads((killed / "environment.json").read_text())["torch"] == torch.__version__
     run_cl(SMALL, tmp_path)  # a finished run beside it
 
-    from cl_runner.results.report import main
+    from cl_runner.reporting.report import main
 
     capsys.readouterr()
     assert main([str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 0

@@ -52,7 +52,7 @@ def test_default_run_writes_every_output(default_run):
 def test_output_dir_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     run_cl(SMALL + ["task_stream.order=[reverse]", f"output_dir={out}"], tmp_path)
-    from cl_runner.results.tracking import RunFolderError
+    from cl_runner.reporting.tracking import RunFolderError
 
     with pytest.raises(RunFolderError, match="already holds a run"):
         run_cl(SMALL + ["task_stream.order=[reverse]", f"output_dir={out}"], tmp_path)

@@ -22,7 +22,7 @@ def test_sweep_makes_one_folder_per_job_and_report_names_the_swept_value(tmp_pat
     assert len(list((tmp_path / "results" / "sweep" / "sweeps").glob("*/multirun.yaml"))) == 1
     assert not list(tmp_path.glob("*.log"))
 
-    report = subprocess.run([sys.executable, "-m", "cl_runner.results.report", str(tmp_path / "results" / "sweep")],
+    report = subprocess.run([sys.executable, "-m", "cl_runner.reporting.report", str(tmp_path / "results" / "sweep")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     # (a seed sweep is pooled as one group of seeds instead: tests/unit/test_seed_report.py)

@@ -1,4 +1,4 @@
-"""Adapter checkpoints (cl_runner/adapter_checkpoint.py): which entries are the base, the
+"""Adapter checkpoints (cl_runner/checkpoints/adapter.py): which entries are the base, the
 fingerprint on hand numbers, trimming, the fall-back to a full state when the base moved,
 and the checks made on resume."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from cl_runner.adapter_checkpoint import FrozenBase, base_entries, fingerprint, load_model_state
-from cl_runner.checkpoint import CheckpointError
+from cl_runner.checkpoints.adapter import FrozenBase, base_entries, fingerprint, load_model_state
+from cl_runner.checkpoints.files import CheckpointError
 
 
 class TinyClassifier(nn.Module):

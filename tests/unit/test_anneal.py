@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_runner.loop import ContinualLoop
-from cl_runner.results.tracking import Tracker
+from cl_runner.training.loop import ContinualLoop
+from cl_runner.reporting.tracking import Tracker
 from tests.helpers import compose
 from tests.unit.test_svd_orthogonal import logical, top_k
 

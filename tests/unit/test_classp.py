@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from cl_runner.cli import build_checked_strategy
-from cl_runner.config import ConfigError, validate
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import validate
 from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.classp import ClaSP, ClaSPConfig, ClaSPOptimizer, update_mask

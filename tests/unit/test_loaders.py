@@ -572,7 +572,7 @@ def test_real_olora_subset():
 def test_cl_benchmark_stream_picks_the_order_by_key_not_by_its_name():
     """One stream file: task_stream.order names the benchmark order (or lists datasets);
     the display name is only a label, so renaming the stream changes nothing else."""
-    from cl_runner.config import validate
+    from cl_runner.config.validate import validate
     from cl_runner.streams.build import build_stream, planned_task_names
     from tests.helpers import compose
 
@@ -587,7 +587,8 @@ def test_cl_benchmark_stream_picks_the_order_by_key_not_by_its_name():
 
 
 def test_named_order_is_refused_where_the_stream_has_none():
-    from cl_runner.config import ConfigError, validate
+    from cl_runner.errors import ConfigError
+    from cl_runner.config.validate import validate
     from tests.helpers import compose
 
 

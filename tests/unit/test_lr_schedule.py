@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from cl_runner.strategies.base import StrategyContext
-from cl_runner.strategies.classp import ClaSP, ClaSPConfig
 from cl_runner.strategies.lr_schedule import (LRSchedule, LRScheduleConfig, anneal_multiplier, infinite_first_task,
                                               rewarm_cosine)
 from cl_runner.streams.task import Example, Task, TaskStream
@@ -201,14 +200,3 @@ def test_rewarm_does_not_anneal():
 def test_bad_options(key, value, match):
     with pytest.raises(ValueError, match=match):
         make(**{key: value})
-
-
-def test_classp_with_lr_schedule_fails_at_setup():
-    ctx = make_ctx()
-    ClaSP(OmegaConf.structured(ClaSPConfig())).setup(ctx)  # the base is set up first
-    with pytest.raises(ValueError, match=r"lr_schedule\.enabled=true cannot be combined with strategy=classp"):
-        make().setup(ctx)
-    ctx = make_ctx()
-    make().setup(ctx)
-    with pytest.raises(ValueError, match=r"strategy=classp cannot be combined with lr_schedule"):
-        ClaSP(OmegaConf.structured(ClaSPConfig())).setup(ctx)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
-from cl_runner.config import ConfigError, validate
-from cl_runner.memory_plan import (ModelFacts, activation_bytes, build_plan, format_plan, model_facts,
-                                   svd_sharded_bytes, svd_target_bytes)
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import validate
+from cl_runner.memory_plan import activation_bytes, build_plan, format_plan, model_facts
+from cl_runner.strategies.memory import ModelFacts
+from cl_runner.strategies.svd_orthogonal.memory import svd_sharded_bytes, svd_target_bytes
 from tests.helpers import compose
 
 # tiny_llama (configs/model/tiny_llama.yaml) with the byte tokenizer (259 ids): hidden 64,
@@ -100,7 +102,7 @@ def test_svd_orthogonal_state_matches_the_strategy(tiny_facts, unfreeze):
     task start on the real tiny LLaMA (ratio mode: k = floor(64 (1 - unfreeze)))."""
     from accelerate import Accelerator
 
-    from cl_runner.models import build_model
+    from cl_runner.models.build import build_model
     from cl_runner.strategies.base import StrategyContext
     from cl_runner.strategies.svd_orthogonal import SVDOrthogonal
 
@@ -131,8 +133,8 @@ def test_svd_sharded_state_matches_sharded_subspaces(tiny_facts, unfreeze, proje
     gloo group, after set_bases_from_weights with the ratio-mode ranks."""
     import torch.distributed as dist
 
-    from cl_runner.models import build_model
-    from cl_runner.sharding import shard_model
+    from cl_runner.models.build import build_model
+    from cl_runner.distributed.sharding import shard_model
     from cl_runner.strategies.base import plain_config
     from cl_runner.strategies.svd_orthogonal.rank import ratio_ranks
     from cl_runner.strategies.svd_orthogonal.sharded import ShardedSubspaces
@@ -251,7 +253,7 @@ def test_llama2_7b_from_the_shipped_config_offline():
 
 def test_pretrained_model_still_loads_from_its_path_only(tmp_path):
     """architecture_config on a pretrained model is for the plan: loading ignores it."""
-    from cl_runner.models import ModelLoadError, build_model
+    from cl_runner.models.build import ModelLoadError, build_model
 
     cfg = cfg_for("model=llama2_7b_chat", f"model.path={tmp_path / 'missing'}")
     with pytest.raises(ModelLoadError, match="missing"):
@@ -260,7 +262,7 @@ def test_pretrained_model_still_loads_from_its_path_only(tmp_path):
 
 def test_dry_run_prints_the_plan(capsys, tmp_path, monkeypatch):
     from cl_runner.cli import execute
-    from cl_runner.config import TrainerConfig
+    from cl_runner.config.schema import TrainerConfig
 
     # trainer.sharding comes with FSDP support; without it the plan is the unsharded one.
     fsdp = "sharding" in TrainerConfig.__dataclass_fields__
@@ -294,7 +296,7 @@ def test_format_plan_has_a_total(tiny_facts):
 
 def test_infinite_schedule_counts_the_anneal_copies():
     """The anneal steps a copy of the optimizer state next to a spare copy of the weights."""
-    from cl_runner.config import validate
+    from cl_runner.config.validate import validate
     from cl_runner.memory_plan import build_plan
     from tests.helpers import compose
 

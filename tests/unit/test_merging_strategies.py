@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from torch import nn
 
-from cl_runner.config import validate
+from cl_runner.config.validate import validate
 from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.continual_task_arithmetic import ContinualTaskArithmetic, ContinualTaskArithmeticConfig
@@ -173,12 +173,12 @@ def test_head_modules_that_match_nothing_are_refused():
 
 @pytest.mark.parametrize("name", ["opcm", "continual_task_arithmetic", "continual_ties"])
 def test_fsdp_is_refused_when_the_stack_is_built(name):
-    with pytest.raises(ValueError, match=rf"strategy={name} does not support trainer.sharding=fsdp.*trainer.sharding=none"):
+    with pytest.raises(ValueError, match=rf"strategy={name} cannot run with trainer.sharding=fsdp: its merge.*set trainer.sharding=none"):
         build_strategy(validate(compose([f"strategy={name}", "trainer.sharding=fsdp"])))
 
 
 def test_gpt2_conv1d_weights_are_projected_and_a_tied_lm_head_is_not_a_matrix():
-    from cl_runner.models import build_model
+    from cl_runner.models.build import build_model
 
     model = build_model(validate(compose(["model=tiny_gpt2"])).model).model
     names = linear_weight_names(model)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cl_runner.config import ConfigError, validate
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import validate
 from tests.helpers import compose, run_cl, run_until_crash
 
 # Two short tasks of the tiny GPT-2 and one never-trained task beside them: seconds.
@@ -16,7 +17,7 @@ TINY = ["task_stream.order=[increment,decrement]", "task_stream.train_size=64", 
 
 
 def test_monitor_row_is_scored_at_every_row_and_never_trained(tmp_path):
-    from cl_runner.loop import ContinualLoop
+    from cl_runner.training.loop import ContinualLoop
 
     trained: list[str] = []
     original = ContinualLoop._train_task
@@ -45,8 +46,8 @@ def test_monitor_row_is_scored_at_every_row_and_never_trained(tmp_path):
 
 
 def test_summary_tracker_and_report_show_the_monitor(tmp_path, capsys, monkeypatch):
-    from cl_runner.results import tracking
-    from cl_runner.results.report import load_run, main as report_main
+    from cl_runner.reporting import tracking
+    from cl_runner.reporting.report import load_run, main as report_main
 
     logged: list[tuple[int, dict]] = []
     summaries: list[dict] = []
@@ -80,7 +81,7 @@ def test_summary_tracker_and_report_show_the_monitor(tmp_path, capsys, monkeypat
 
 
 def test_resume_keeps_the_monitor_rows(tmp_path, monkeypatch):
-    from cl_runner.checkpoint import load_latest_checkpoint
+    from cl_runner.checkpoints.files import load_latest_checkpoint
 
     out = tmp_path / "run"
     run_until_crash([*TINY, f"output_dir={out}"], tmp_path, stop_at_step=6, monkeypatch=monkeypatch)

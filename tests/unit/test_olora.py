@@ -54,8 +54,8 @@ def test_bad_options_are_refused_by_name(key, value, text):
 def tiny_llama_with_adapters(names):
     from omegaconf import OmegaConf
 
-    from cl_runner.config import ModelConfig
-    from cl_runner.models import build_model
+    from cl_runner.config.schema import ModelConfig
+    from cl_runner.models.build import build_model
 
     torch.manual_seed(0)
     cfg = OmegaConf.structured(ModelConfig(name="tiny_llama", architecture="llama", tokenizer="byte", adapter="lora",
@@ -78,7 +78,7 @@ def olora_on(model, num_tasks, **options):
 
 
 def test_strategy_penalty_matches_the_formula_and_trains_only_the_new_lora():
-    from cl_runner.adapters import lora_factors
+    from cl_runner.models.adapters import lora_factors
 
     names = [f"task_{k + 1}" for k in range(3)]
     model = tiny_llama_with_adapters(names)
@@ -106,7 +106,7 @@ def test_strategy_penalty_matches_the_formula_and_trains_only_the_new_lora():
 
 def test_earlier_loras_stay_in_the_forward():
     """The model's output is the base output plus every active LoRA's update."""
-    from cl_runner.adapters import lora_factors
+    from cl_runner.models.adapters import lora_factors
 
     names = ["task_1", "task_2"]
     model = tiny_llama_with_adapters(names)

@@ -52,7 +52,7 @@ def test_installed_wheel_composes_its_configs_outside_any_checkout(wheel, tmp_pa
     workdir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = subprocess.run(
-        [sys.executable, "-c", "from cl_runner.config_paths import package_configs; print(package_configs())"],
+        [sys.executable, "-c", "from cl_runner.config.paths import package_configs; print(package_configs())"],
         cwd=workdir, env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == str(target / "cl_runner" / "configs")
     run = subprocess.run([sys.executable, "-m", "cl_runner.cli", "dry_run=true", "logger=none",

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from cl_runner.evaluation.metrics import summarize
-from cl_runner.results.plots import plot_accuracy_matrix, plot_forgetting_curves, plot_run_comparison
-from cl_runner.results.report import format_bytes, format_duration, main
+from cl_runner.reporting.plots import plot_accuracy_matrix, plot_forgetting_curves, plot_run_comparison
+from cl_runner.reporting.report import format_bytes, format_duration, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ["reverse", "sort", "increment"]
@@ -246,7 +246,7 @@ def test_report_groups_by_task_list_not_stream_name(two_runs, tmp_path, capsys):
 
 
 def test_report_long_task_lists_read_short():
-    from cl_runner.results.report import group_label
+    from cl_runner.reporting.report import group_label
 
     names = tuple(f"t{i}" for i in range(15))
     assert group_label(("cl_long", names)) == "cl_long: t0, t1, t2, ..., t13, t14 (15 tasks)"

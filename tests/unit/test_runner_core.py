@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cl_runner.batching import IGNORE, Collator, compute_loss
-from cl_runner.checkpoint import Progress, checkpoint_name, latest_checkpoint
-from cl_runner.label_space import LabelSpace
+from cl_runner.models.batching import IGNORE, Collator, compute_loss
+from cl_runner.checkpoints.files import Progress, checkpoint_name, latest_checkpoint
+from cl_runner.models.label_space import LabelSpace
 from cl_runner.streams.synthetic import load_synthetic, synthetic_task
 from cl_runner.streams.task import Example, Task, TaskStream
-from cl_runner.tokenizers import ByteTokenizer
-from cl_runner.results.tracking import RunFolderError, new_run_folder
+from cl_runner.models.tokenizers import ByteTokenizer
+from cl_runner.reporting.tracking import RunFolderError, new_run_folder
 
 
 def task(name, labels=None, answers=("a",)):
@@ -148,7 +148,7 @@ def test_checkpoint_names_sort_in_stream_order(tmp_path):
 
 
 def test_batch_plan_counts_epochs_and_accumulation():
-    from cl_runner.loop import plan_task
+    from cl_runner.training.loop import plan_task
     from cl_runner.strategies.seq_ft import SeqFTConfig, SequentialFineTuning
     from cl_runner.strategies.stack import StrategyStack
 
@@ -165,7 +165,7 @@ def test_batch_plan_counts_epochs_and_accumulation():
 
 
 def test_summary_ends_with_what_the_run_cost():
-    from cl_runner.results.summary import format_summary
+    from cl_runner.reporting.summary import format_summary
 
     R = [[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]]
     metrics = {"ACC": 0.75, "BWT": -0.5, "wall_time_s": 75.0, "train_time_s": 60.0,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cl_runner.checkpoint import (
+from cl_runner.checkpoints.files import (
     CorruptCheckpointError,
     Progress,
     UnsafeCheckpointError,

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from cl_runner.sampling import EndlessShuffle
+from cl_runner.streams.sampling import EndlessShuffle
 
 
 def test_every_pass_is_a_permutation_and_passes_differ():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from cl_runner.evaluation.metrics import average_accuracy, summarize
-from cl_runner.results.item_scores import load_item_scores
-from cl_runner.results.report import load_run, main
-from cl_runner.results.seed_groups import (BaselineError, curve_bands, group_by_seed, is_incidental, paired_differences,
+from cl_runner.reporting.item_scores import load_item_scores
+from cl_runner.reporting.report import load_run, main
+from cl_runner.reporting.seed_groups import (BaselineError, curve_bands, group_by_seed, is_incidental, paired_differences,
                                    summarize_group)
-from cl_runner.results.stats import Interval, bootstrap_interval, t_interval, t_quantile
+from cl_runner.reporting.stats import Interval, bootstrap_interval, t_interval, t_quantile
 
 TASKS = ["reverse", "sort", "increment"]
 T975_2 = 4.302652729749464  # t_{0.975, 2}
@@ -315,7 +315,7 @@ def test_baseline_by_sweep_label_and_ambiguity(tmp_path):
     for lam in (1.0, 10.0):
         for seed in range(2):
             _write(tmp_path / f"ewc{lam}_s{seed}", "ewc", seed, _R([0.5 + lam / 100 + seed / 10] * 3), {"ewc_lambda": lam})
-    from cl_runner.results.report import describe_differences
+    from cl_runner.reporting.report import describe_differences
 
     runs = [load_run(p) for p in sorted(tmp_path.rglob("metrics.json"))]
     describe_differences(runs)
@@ -329,7 +329,7 @@ def test_baseline_by_sweep_label_and_ambiguity(tmp_path):
 def test_item_scores_side_files_stand_in_for_predictions(tmp_path):
     """With evaluation.save_predictions=false cl-run writes item_scores/*.json (the
     scores alone); the bootstrap reads them like the predictions' scores."""
-    from cl_runner.results.tracking import write_item_scores
+    from cl_runner.reporting.tracking import write_item_scores
 
     R, items = _with_items()
     _write(tmp_path / "run", "seq_ft", 0, R)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_runner.config import validate
+from cl_runner.config.validate import validate
 from cl_runner.strategies import build_strategy
 from tests.helpers import REPO, compose
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from cl_runner.config import validate
+from cl_runner.config.validate import validate
 from cl_runner.strategies import build_strategy
 from cl_runner.strategies.base import Strategy
 from cl_runner.strategies.classp import ClaSP, ClaSPConfig

@@ -10,7 +10,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from cl_runner.batching import compute_loss
+from cl_runner.models.batching import compute_loss
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.svd_orthogonal import SVDOrthogonal, SVDOrthogonalConfig, SVDRankConfig
 from cl_runner.strategies.svd_orthogonal.rank import adaptive_ranks, ratio_ranks, scheduled_fraction
@@ -635,7 +635,7 @@ def test_first_task_on_the_fsdp_sharded_path(first_task):
     (and, with constrained, task 1) keeps U^T dW V = 0."""
     import torch.distributed as dist
 
-    from cl_runner.sharding import shard_model
+    from cl_runner.distributed.sharding import shard_model
     from tests.helpers import compose
 
     trainer = compose(["model=tiny_llama", "trainer.sharding=fsdp"]).trainer

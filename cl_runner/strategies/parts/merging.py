@@ -29,17 +29,17 @@ from typing import Any
 
 import torch
 
-from cl_runner.sharding import is_sharded
+from cl_runner.distributed.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
+from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count, gib
 from cl_runner.streams.task import Task
-from cl_runner.checks import require_choice
+from cl_runner.errors import require_choice
 
 HEAD_RULES = ("sum", "merge")
 
 
-def fsdp_refusal(name: str) -> str:
-    return (f"strategy={name} does not support trainer.sharding=fsdp: its merge needs every weight matrix whole "
-            f"on one process (an SVD or a model-wide top-k); use trainer.sharding=none (DDP or one process)")
+# Why the merging strategies refuse trainer.sharding=fsdp (their registrations say it).
+FSDP_REFUSAL = "its merge needs every weight matrix whole on one process (an SVD or a model-wide top-k)"
 
 
 def head_parameter_names(named: list[str], head_modules: list[str]) -> list[str]:
@@ -61,18 +61,23 @@ class ContinualMerging(Strategy):
         self.tasks_merged = 0
         self.history: list[dict[str, Any]] = []
 
-    def check_run_config(self, cfg: Any) -> None:
-        """Called by build_strategy before any folder or model exists."""
-        trainer = cfg.get("trainer") if hasattr(cfg, "get") else getattr(cfg, "trainer", None)
-        if getattr(trainer, "sharding", "none") == "fsdp":
-            raise ValueError(fsdp_refusal(self.name))
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        """theta_0 and the merged update, fp32 copies of every floating parameter."""
+        copies = 2 * FP32 * inputs.trainable
+        what = (f"{self.name}: theta_0 and the merged update, 2 fp32 copies of the {count(inputs.trainable)} "
+                "trained parameters")
+        if self.config.state_on_cpu:
+            return StrategyEstimate(self.name, notes=[f"{what} ({gib(copies)}), in host memory (state_on_cpu)"])
+        return StrategyEstimate(self.name, state_bytes=copies, notes=[what],
+                                transient_bytes=FP32 * inputs.trainable,
+                                transient_note="after a task: its task vector tau (fp32) beside theta_0 and the merge")
 
     # -- life cycle ---------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
         params = self._params()
-        if any(is_sharded(p) for p in params.values()):
-            raise ValueError(fsdp_refusal(self.name))
+        if any(is_sharded(p) for p in params.values()):  # a stack built without build_strategy
+            raise ValueError(f"strategy={self.name} cannot run with trainer.sharding=fsdp: {FSDP_REFUSAL}")
         if ctx.model_kind == "classifier" and self.config.classifier_head == "sum":
             self.head_names = head_parameter_names(list(params), list(self.config.head_modules))
             if not self.head_names:

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_runner.strategies.parts.rounding import round_half_up
+
 _EPS = 1e-9  # guards floor() against 0.7 * 10 = 6.9999999...
 
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
+_round_half_up = round_half_up  # the name the rank code and the memory estimate use
 
 
 def clamp_rank(k: int, dim: int) -> int:

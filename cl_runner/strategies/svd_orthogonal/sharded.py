@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cl_runner.ops.subspace import orthonormal_complement
-from cl_runner.sharding import local
+from cl_runner.distributed.sharding import local
 
 BASIS, COMPLEMENT = "basis", "complement"
 

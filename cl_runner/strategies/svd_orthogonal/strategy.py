@@ -35,15 +35,16 @@ import torch
 from torch import nn
 
 from cl_runner import ops
-from cl_runner.sharding import is_sharded
+from cl_runner.distributed.sharding import is_sharded
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
+from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import register
 from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner.strategies.svd_orthogonal.rank import (_EPS, FRACTION_OF, NORMALISATIONS, adaptive_ranks, clamp_rank,
                                            layer_importances, ratio_ranks, scheduled_fraction)
 from cl_runner.strategies.svd_orthogonal.targets import Target, find_targets
 from cl_runner.streams.task import Task
-from cl_runner.checks import require, require_choice
+from cl_runner.errors import require, require_choice
 
 RANK_MODES = ("adaptive", "ratio")
 FIRST_TASK = ("full", "constrained")
@@ -129,10 +130,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@register("svd_orthogonal", config=SVDOrthogonalConfig)
+@register("svd_orthogonal", config=SVDOrthogonalConfig,
+          summary="adaptive-SVD orthogonal fine-tuning: updates kept off each matrix's top singular subspaces",
+          adapters=("it decomposes and projects the full weight matrices, which stay frozen under an adapter "
+                    "(a LoRA update is already low-rank)"))
 class SVDOrthogonal(Strategy):
-    adapter_refusal = ("it decomposes and projects the full weight matrices, which stay frozen under an adapter "
-                       "(a LoRA update is already low-rank)")
+    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
+        from cl_runner.strategies.svd_orthogonal.memory import estimate_svd
+
+        return estimate_svd(self.config, inputs)
 
     def __init__(self, config: SVDOrthogonalConfig) -> None:
         super().__init__(config)

@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 
 from torch import nn
 
-from cl_runner.strategies.parts.model_parts import parameter_blocks
+from cl_runner.models.parts import parameter_blocks
 
 
 @dataclass(frozen=True)

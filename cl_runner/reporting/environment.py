@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 ENVIRONMENT_FILE = "environment.json"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cl_runner/
 
 
 def package_version(name: str) -> Optional[str]:
@@ -132,7 +132,7 @@ def load_environment(run_dir: Path) -> Optional[dict[str, Any]]:
 def record_environment(run_dir: Path, accelerator: Any = None) -> dict[str, Any]:
     """Write this start's environment to the run folder. A resumed run keeps the earlier
     starts' environments in `earlier_starts` (oldest first). Never raises."""
-    from cl_runner.results.tracking import write_json
+    from cl_runner.reporting.tracking import write_json
 
     env = collect(accelerator)
     earlier = load_environment(run_dir)

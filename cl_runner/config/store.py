@@ -26,7 +26,7 @@ def schema_node(schema: type) -> DictConfig:
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from cl_runner.config import LoggerConfig, ModelConfig, TaskStreamConfig, TrainerConfig
+    from cl_runner.config.schema import LoggerConfig, ModelConfig, TaskStreamConfig, TrainerConfig
     from cl_runner.strategies import registry
 
     store = ConfigStore.instance()

@@ -101,7 +101,7 @@ def save_checkpoint(folder: Path, progress: Progress, model_state: dict, optimiz
                     scheduler_state: Optional[dict], strategy_state: dict, keep: int = 1,
                     model_scope: Optional[dict] = None) -> Path:
     """`model_scope` says what `model_state` covers when it is not the whole model
-    (adapter runs: cl_runner/adapter_checkpoint.py)."""
+    (adapter runs: cl_runner/checkpoints/adapter.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "progress": asdict(progress),

@@ -1,10 +1,14 @@
-"""The one-line 'bad value' errors every option check raises: the key, the value, the fix.
+"""The errors every room may raise, and the one-line 'bad value' messages: the key, the value, the fix.
 
 Strategies raise ValueError (cl-run turns it into `cl-run: config error: ...`, exit 2);
 config validation passes its ConfigError as `error`."""
 from __future__ import annotations
 
 from typing import Any, Iterable
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot use; the message names the key and the fix."""
 
 
 def bad_value(key: str, value: Any, fix: str) -> str:

@@ -77,7 +77,7 @@ def shard_model(model: nn.Module, trainer: Any) -> nn.Module:
     """Apply FSDP2 to `model` in place (blocks first, then the root) and return it."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from cl_runner.strategies.parts.model_parts import block_stacks
+    from cl_runner.models.parts import block_stacks
 
     options = trainer.fsdp
     if trainer.precision == "bf16":

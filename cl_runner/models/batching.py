@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from cl_runner.label_space import LabelSpace
+from cl_runner.models.label_space import LabelSpace
 from cl_runner.streams.task import Example
 
 IGNORE = -100

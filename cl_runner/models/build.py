@@ -14,8 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from cl_runner.label_space import LabelSpace
-from cl_runner.tokenizers import ByteTokenizer, HFTokenizer
+from cl_runner.models.label_space import LabelSpace
+from cl_runner.models.tokenizers import ByteTokenizer, HFTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,7 +107,7 @@ def _from_gguf(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
     then loaded from the converted folder like any local model."""
     from transformers import AutoTokenizer
 
-    from cl_runner.gguf_cache import GGUFError, converted_folder
+    from cl_runner.models.gguf_cache import GGUFError, converted_folder
 
     extra = {"num_labels": num_labels} if num_labels is not None else {}
     # The file holds a language model: the cache keeps it whole (a classifier's new head
@@ -165,7 +165,7 @@ def build_model(cfg: Any, label_space: Optional[LabelSpace] = None,
     if cfg.kind == "causal" and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(cfg, "adapter", "none") == "lora":
-        from cl_runner.adapters import attach_lora
+        from cl_runner.models.adapters import attach_lora
 
         model = attach_lora(model, cfg.lora, cfg.kind, family, adapter_names)
     return ModelBundle(model=model, tokenizer=tokenizer, kind=cfg.kind, family=family, label_space=label_space)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from cl_runner.config import ConfigError
+from cl_runner.errors import ConfigError
 
 # The adapter of runs that need only one (seq_ft, ewc, replay, ...): PEFT's own default name.
 DEFAULT_ADAPTER = "default"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cl_runner.config import ConfigError
+from cl_runner.errors import ConfigError
 
 
 def configure_ops(cfg: Any) -> None:

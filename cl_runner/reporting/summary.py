@@ -8,9 +8,10 @@ from typing import Any, Optional
 
 import torch
 
-from cl_runner.checkpoint import Progress
-from cl_runner.results.formatting import format_named_metric
-from cl_runner.results.tracking import Tracker, write_accuracy_csv, write_json
+from cl_runner.checkpoints.files import Progress
+from cl_runner.reporting.formatting import format_named_metric
+from cl_runner.strategies.registry import strategy_label
+from cl_runner.reporting.tracking import Tracker, write_accuracy_csv, write_json
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -76,7 +77,7 @@ def format_monitor(monitor: list[list[Any]], names: list[str], R_names: list[str
 def format_cost(metrics: dict[str, Any]) -> str:
     """What the run cost, on one line: time (train / eval), throughput, peak memory and the
     strategy's own state, e.g. `cost: 28.4s (train 26.4s, eval 0.2s)  1.2 GiB peak  ...`."""
-    from cl_runner.results.formatting import format_bytes, format_duration
+    from cl_runner.reporting.formatting import format_bytes, format_duration
 
     parts = []
     if metrics.get("wall_time_s") is not None:
@@ -102,12 +103,12 @@ def save_final_model(loop: Any) -> Optional[str]:
     """The final weights as a Hugging Face folder (config, safetensors, tokenizer when it is
     a Hugging Face one) in <run>/final_model; every rank calls it, rank 0 writes."""
     model = loop.accelerator.unwrap_model(loop.model)
-    from cl_runner.adapters import is_adapted, merged_for_saving
+    from cl_runner.models.adapters import is_adapted, merged_for_saving
 
     if is_adapted(model):  # a plain transformers folder: the active LoRAs merged into the weights
         model = merged_for_saving(model)
     if loop.sharded:
-        from cl_runner.sharding import full_state_dict
+        from cl_runner.distributed.sharding import full_state_dict
 
         state = full_state_dict(model)  # collective; the full tensors land on rank 0 only
     else:
@@ -125,7 +126,7 @@ def save_final_model(loop: Any) -> Optional[str]:
 
 def adapter_report(loop: Any) -> Optional[dict[str, Any]]:
     """model.adapter's kind, rank, targets and parameter counts (None without an adapter)."""
-    from cl_runner.adapters import adapter_summary, is_adapted
+    from cl_runner.models.adapters import adapter_summary, is_adapted
 
     model = loop.accelerator.unwrap_model(loop.model)
     return adapter_summary(model) if is_adapted(model) else None
@@ -140,7 +141,7 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         "experiment": loop.cfg.experiment_name,
         "model": loop.cfg.model.name,
         "task_stream": loop.cfg.task_stream.name,
-        "strategy": loop.cfg.get("strategy_label") or loop.strategy.name,
+        "strategy": strategy_label(loop.cfg),
         "strategy_members": loop.strategy.name,  # the base strategy + add-ons that ran
         "seed": loop.cfg.seed,
         "tasks": names,
@@ -173,7 +174,7 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     if not loop.is_main:
         return metrics
     run_dir: Path = loop.run_dir
-    from cl_runner.environment import run_environment
+    from cl_runner.reporting.environment import run_environment
 
     metrics["environment"] = run_environment(run_dir, loop.accelerator)
     write_json(run_dir / "metrics.json", metrics)
@@ -181,7 +182,7 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     if loop.monitor:
         write_accuracy_csv(run_dir / "monitor.csv", progress.monitor, names, metrics["monitor_tasks"])
     try:
-        from cl_runner.results.plots import plot_accuracy_matrix, plot_forgetting_curves
+        from cl_runner.reporting.plots import plot_accuracy_matrix, plot_forgetting_curves
 
         (run_dir / "plots").mkdir(exist_ok=True)
         plot_accuracy_matrix(progress.R, names, run_dir / "plots" / "accuracy_matrix.png", title=metrics["strategy"])

@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from cl_runner.checkpoint import CorruptCheckpointError, Progress, checkpoint_name, prune_checkpoints, rng_state
-from cl_runner.sharding import is_sharded
+from cl_runner.checkpoints.files import CorruptCheckpointError, Progress, checkpoint_name, prune_checkpoints, rng_state
+from cl_runner.distributed.sharding import is_sharded
 
 SUFFIX = ".dcp"
 _TENSOR = "__sharded_checkpoint_tensor__"

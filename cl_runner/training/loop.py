@@ -20,20 +20,21 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from cl_runner.adapter_checkpoint import FrozenBase, load_model_state
-from cl_runner.anneal import optimizer_copy, prepared_alone
-from cl_runner.batching import Collator, compute_loss
-from cl_runner.checkpoint import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
-from cl_runner.config import ConfigError, check_epochs, check_lengths, check_task_budget, position_limit
+from cl_runner.checkpoints.adapter import FrozenBase, load_model_state
+from cl_runner.training.anneal import optimizer_copy, prepared_alone
+from cl_runner.models.batching import Collator, compute_loss
+from cl_runner.checkpoints.files import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
+from cl_runner.errors import ConfigError
+from cl_runner.config.validate import check_epochs, check_lengths, check_task_budget, position_limit
 from cl_runner.evaluation.predict import generation_budget, predict
-from cl_runner.label_space import LabelSpace
-from cl_runner.sampling import EndlessShuffle
-from cl_runner.models import build_model
+from cl_runner.models.label_space import LabelSpace
+from cl_runner.streams.sampling import EndlessShuffle
+from cl_runner.models.build import build_model
 from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
 from cl_runner.streams.build import build_monitor, build_stream
 from cl_runner.streams.records import RecordError
 from cl_runner.streams.task import Example, Task, TaskStream
-from cl_runner.results.tracking import Tracker, write_item_scores, write_predictions
+from cl_runner.reporting.tracking import Tracker, write_item_scores, write_predictions
 
 
 class TrainingDivergedError(RuntimeError):
@@ -171,7 +172,7 @@ class ContinualLoop:
                                 device=self.accelerator.device)
         self.sharded = cfg.trainer.sharding == "fsdp"
         if self.sharded:
-            from cl_runner.sharding import ensure_process_group, shard_model
+            from cl_runner.distributed.sharding import ensure_process_group, shard_model
 
             ensure_process_group(self.accelerator.device)
             self.model = shard_model(self.bundle.model.to(self.accelerator.device), self.trainer)
@@ -327,7 +328,7 @@ class ContinualLoop:
         if sync:
             yield
         elif self.sharded:
-            from cl_runner.sharding import set_gradient_sync
+            from cl_runner.distributed.sharding import set_gradient_sync
 
             set_gradient_sync(self.model, False)
             try:
@@ -493,7 +494,7 @@ class ContinualLoop:
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
         if self.sharded:
-            from cl_runner.sharded_checkpoint import save_sharded_checkpoint
+            from cl_runner.checkpoints.sharded import save_sharded_checkpoint
 
             save_sharded_checkpoint(
                 self.run_dir / "checkpoints", self.progress, self.model, self.optimizer,
@@ -514,8 +515,8 @@ class ContinualLoop:
 
     def _restore_sharded(self) -> Optional[ResumeState]:
         """The newest readable sharded checkpoint, re-sharded to this run's processes."""
-        from cl_runner.checkpoint import CorruptCheckpointError
-        from cl_runner.sharded_checkpoint import (load_model_and_strategy, rank_rng_state, read_meta,
+        from cl_runner.checkpoints.files import CorruptCheckpointError
+        from cl_runner.checkpoints.sharded import (load_model_and_strategy, rank_rng_state, read_meta,
                                                   sharded_checkpoints)
 
         for path in reversed(sharded_checkpoints(self.run_dir / "checkpoints")):
@@ -547,7 +548,7 @@ class ContinualLoop:
     def _load_optimizer_state(self, state: Any) -> None:
         """A saved optimizer state: a state dict, or (sharded runs) the checkpoint folder."""
         if isinstance(state, Path):
-            from cl_runner.sharded_checkpoint import load_optimizer
+            from cl_runner.checkpoints.sharded import load_optimizer
 
             load_optimizer(state, self.model, self.optimizer)
         else:

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from cl_runner.results.formatting import (format_bytes, format_duration, format_metric,  # noqa: F401 (re-exported)
+from cl_runner.reporting.formatting import (format_bytes, format_duration, format_metric,  # noqa: F401 (re-exported)
                                   markdown_table, text_table)
-from cl_runner.results.seed_groups import is_incidental
+from cl_runner.reporting.seed_groups import is_incidental
 
 METRICS_FILE = "metrics.json"
 # Without these a row means nothing; a file that lacks one is reported and skipped.
@@ -94,7 +94,10 @@ class RunResult:
 
     @property
     def is_multitask(self) -> bool:
-        return self.strategy.lower().startswith("multitask")
+        """An upper-bound run (its registration says so: multitask)."""
+        from cl_runner.strategies.registry import is_upper_bound
+
+        return is_upper_bound(self.strategy)
 
     @property
     def is_reference(self) -> bool:
@@ -502,7 +505,7 @@ def render(groups: dict[tuple, list[RunResult]], fmt: str, seeds: Optional[SeedS
     group's block ends with its seed-group table (and differences from the baseline)."""
     if fmt == "csv":
         return csv_text(groups).rstrip("\n")
-    from cl_runner.results.seed_tables import render_seed_sections
+    from cl_runner.reporting.seed_tables import render_seed_sections
 
     blocks = []
     for group, runs in groups.items():
@@ -526,7 +529,7 @@ def summarize_seeds(groups: dict[tuple, list[RunResult]], baseline: Optional[str
                     samples: int = 2000, seed: int = 0) -> SeedSummary:
     """Seed groups per stream group with their intervals (best mean ACC first), and the
     paired differences from `baseline`; BaselineError when it names no run or no seed pairs."""
-    from cl_runner.results.seed_groups import group_by_seed, paired_differences, summarize_group
+    from cl_runner.reporting.seed_groups import group_by_seed, paired_differences, summarize_group
 
     summary = SeedSummary({}, baseline=baseline, level=level, samples=samples, seed=seed)
     cache = summary.cache
@@ -544,9 +547,9 @@ def summarize_seeds(groups: dict[tuple, list[RunResult]], baseline: Optional[str
 def write_seed_outputs(summary: SeedSummary, out: Path) -> list[Path]:
     """comparison_seeds.csv, and forgetting_curves.png per stream group (numbered when
     there are several) with each seed group's mean and interval band."""
-    from cl_runner.results.plots import plot_seed_curves
-    from cl_runner.results.seed_groups import curve_bands
-    from cl_runner.results.seed_tables import seeds_csv_text
+    from cl_runner.reporting.plots import plot_seed_curves
+    from cl_runner.reporting.seed_groups import curve_bands
+    from cl_runner.reporting.seed_tables import seeds_csv_text
 
     written = [out / "comparison_seeds.csv"]
     written[0].write_text(seeds_csv_text(summary.groups, summary.differences, summary.baseline, summary.level),
@@ -633,7 +636,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 0.0 < args.level < 1.0 or args.bootstrap_samples < 1:
         print("cl-report: --level must lie in (0, 1) and --bootstrap-samples be at least 1", file=sys.stderr)
         return 2
-    from cl_runner.results.seed_groups import BaselineError
+    from cl_runner.reporting.seed_groups import BaselineError
 
     try:
         seeds = summarize_seeds(groups, args.baseline, args.level, args.bootstrap_samples, args.bootstrap_seed)
@@ -647,7 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "comparison.csv"
     csv_path.write_text(csv_text(groups), encoding="utf-8")
-    from cl_runner.results.plots import plot_run_comparison  # matplotlib only when writing the figure
+    from cl_runner.reporting.plots import plot_run_comparison  # matplotlib only when writing the figure
 
     ordered = [run for group in groups.values() for run in group]
     png_path = plot_run_comparison(_plot_labels(ordered, len(groups) > 1), out / "comparison.png")

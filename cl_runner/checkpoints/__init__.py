@@ -1,0 +1,1 @@
+"""File, sharded (DCP) and adapter checkpoints; safe loading."""

@@ -1,0 +1,1 @@
+"""The run config: typed schema, validation, override checks, config paths."""

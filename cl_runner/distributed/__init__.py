@@ -1,0 +1,1 @@
+"""torch.distributed / SLURM environment and FSDP2 sharding."""

@@ -1,0 +1,1 @@
+"""Models, tokenizers, label space, GGUF cache, LoRA adapters, model parts."""

@@ -1,0 +1,1 @@
+"""Building a run, the continual loop, batching, sampling, the anneal."""
