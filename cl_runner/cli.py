@@ -22,54 +22,9 @@ from cl_runner.config.paths import package_configs
 from cl_runner.models.build import ModelLoadError
 from cl_runner.streams.records import RecordError
 from cl_runner.reporting.tracking import RunFolderError
+from cl_runner.reporting.outputs import CONFIG_FILE, METRICS_FILE
 
 PACKAGE_CONFIGS = package_configs()
-
-
-def run_label(cfg: DictConfig) -> str:
-    from cl_runner.strategies.registry import strategy_label
-
-    adapter = cfg.model.get("adapter", "none")
-    model = cfg.model.name if adapter == "none" else f"{cfg.model.name}+{adapter}"  # LoRA runs told apart
-    return "_".join([cfg.task_stream.name, model, strategy_label(cfg), f"s{cfg.seed}"])
-
-
-def launched_on_cpus() -> bool:
-    """True for a multi-process launch (torchrun, accelerate launch) on a machine without
-    CUDA. Accelerate makes such processes one distributed (gloo) job only when told to use
-    the CPU; otherwise each would silently run alone and race for the same run folder."""
-    import torch
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def build_checked_strategy(cfg: DictConfig):
-    """The run's strategy stack. Each strategy checks its own options when it is built
-    (the schema leaves them open); building it before any folder or model exists makes a
-    bad value fail as early as a bad schema key."""
-    from cl_runner.strategies import build_strategy
-
-    try:
-        return build_strategy(cfg)
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def make_accelerator(cfg: DictConfig, strategy):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    handlers = []
-    if strategy.freezes_parameters:
-        # HFT (and svd_orthogonal with freeze_untargeted) freeze parameters after DDP has
-        # wrapped the model; DDP must then find the ones that get no gradient.
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    # Under FSDP2 the sharding's own mixed-precision policy casts parameters (bf16 compute,
-    # fp32 gradient reduction); accelerate's autocast stays off.
-    precision = "no" if cfg.trainer.sharding == "fsdp" else cfg.trainer.precision
-    return Accelerator(mixed_precision=precision, cpu=launched_on_cpus(), kwargs_handlers=handlers)
 
 
 # What may be given together with resume=: how the resumed run is shown and logged, never
@@ -100,7 +55,7 @@ def load_config(raw: DictConfig, overrides: Optional[list[str]] = None) -> tuple
             f"resume={resume} continues the run with the config saved in its folder, so these overrides would be "
             f"ignored: {' '.join(refused)}; drop them (only {', '.join(RESUME_OVERRIDABLE[1:])} may be given "
             "with resume=), or start a new run with them")
-    saved = Path(resume) / "config.yaml"
+    saved = Path(resume) / CONFIG_FILE
     if not saved.is_file():
         raise ConfigError(f"resume={resume!r}: no config.yaml there; point resume at a run folder "
                           "(results/<experiment>/<run>/)")
@@ -114,6 +69,21 @@ def load_config(raw: DictConfig, overrides: Optional[list[str]] = None) -> tuple
     return cfg, True
 
 
+def build_checked_strategy(cfg: DictConfig):
+    """The run's strategy stack. Each strategy checks its own options, what its
+    registration says it supports and the rest of the run config when it is built
+    (`strategies.build_strategy`); building it before any folder or model exists makes a
+    bad value fail as early as a bad schema key."""
+    from cl_runner.strategies import build_strategy
+
+    try:
+        return build_strategy(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def finished_run(run_dir: Path) -> dict[str, Any]:
     """resume= on a run that has its metrics.json: nothing to do, nothing rewritten."""
     import json
@@ -121,26 +91,16 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[cl-run] {run_dir} is a finished run (its metrics.json is there): nothing to resume, "
               "nothing written. Start a new run to train again.", flush=True)
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def make_run_dir(cfg: DictConfig, resuming: bool) -> Path:
-    from cl_runner.reporting.tracking import new_run_folder
-
-    if resuming:
-        return Path(cfg.resume)
-    run_dir = new_run_folder(Path("results"), cfg.experiment_name, run_label(cfg), cfg.output_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
-    return run_dir
+    return json.loads((run_dir / METRICS_FILE).read_text())
 
 
 def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """One run from a composed config (`overrides`: the command line's, checked on
-    resume); returns its metrics."""
-    from accelerate.utils import broadcast_object_list
-
+    resume); returns its metrics. Every check that needs nothing built runs first (the
+    config, the strategy stack and its combination); `build_run` then builds the run once
+    and checks what only built objects tell; the loop trains and evaluates."""
     cfg, resuming = load_config(raw, overrides)  # fails fast, before any model is built
-    if resuming and not cfg.dry_run and (Path(cfg.resume) / "metrics.json").is_file():
+    if resuming and not cfg.dry_run and (Path(cfg.resume) / METRICS_FILE).is_file():
         return finished_run(Path(cfg.resume))
     strategy = build_checked_strategy(cfg)
     if cfg.dry_run:
@@ -149,47 +109,26 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         print(OmegaConf.to_yaml(cfg))
         plan = print_memory_plan(cfg)  # will it fit: per-rank memory from a meta-device model
         return {"memory_plan": plan.as_dict()} if plan is not None else {}
-    from cl_runner.reporting.environment import apply_cpu_threads, record_environment
+    from cl_runner.reporting.environment import apply_cpu_threads
 
     apply_cpu_threads(cfg.trainer.cpu_threads)  # first, before any parallel work in this process
-    from cl_runner.training.loop import ContinualLoop
     from cl_runner.ops.setup import configure_ops
     from cl_runner.reporting.summary import finish_run
-    from cl_runner.reporting.tracking import discard_unstarted_run, make_tracker
+    from cl_runner.training.loop import ContinualLoop
+    from cl_runner.training.run import build_run
 
     configure_ops(cfg.ops)
-    accelerator = make_accelerator(cfg, strategy)
-    # Rank 0 makes the one run folder; the other ranks learn its path from rank 0.
-    holder = [str(make_run_dir(cfg, resuming)) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(holder)
-    run_dir = Path(holder[0])
-    if accelerator.is_main_process:
-        record_environment(run_dir, accelerator)  # at once: a run killed later has it too
-        print(f"[cl-run] run folder: {run_dir}", flush=True)
-    tracker = make_tracker(cfg.logger, run_dir, run_dir.name, OmegaConf.to_container(cfg), accelerator.is_main_process)
-    started = time.perf_counter()
-    ok = False
-    loop = None
+    run = build_run(cfg, strategy, resuming)
+    ok = trained = False
     try:
-        loop = ContinualLoop(cfg, run_dir, tracker, accelerator, strategy=strategy)
+        loop = ContinualLoop(run)
+        trained = True
         progress = loop.run(resume=resuming)
-        metrics = finish_run(loop, progress, time.perf_counter() - started, tracker)
+        metrics = finish_run(run, progress, time.perf_counter() - run.started)
         ok = True
         return metrics
     finally:
-        tracker.finish(ok)  # a failed job in a sweep never leaves its tracker open
-        if loop is None and not resuming and accelerator.is_main_process:
-            discard_unstarted_run(run_dir)  # no empty run folders from a bad model or data path
-        if ok:
-            accelerator.wait_for_everyone()  # rank 0 may still be writing results
-        # Tear the process group down before the interpreter exits: a gloo group left to
-        # its destructor can abort a rank at exit ("terminate called without an active
-        # exception") and the launcher then kills the others. No-op on one process.
-        accelerator.end_training()
-        from cl_runner.distributed.sharding import release_process_group
-
-        release_process_group()
+        run.close(ok, trained)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -20,7 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
-ENVIRONMENT_FILE = "environment.json"
+from cl_runner.reporting.outputs import ENVIRONMENT_FILE
+
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cl_runner/
 

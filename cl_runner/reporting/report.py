@@ -37,8 +37,8 @@ from typing import Callable, Optional, Sequence
 from cl_runner.reporting.formatting import (format_bytes, format_duration, format_metric,  # noqa: F401 (re-exported)
                                   markdown_table, text_table)
 from cl_runner.reporting.seed_groups import is_incidental
+from cl_runner.reporting.outputs import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE
 
-METRICS_FILE = "metrics.json"
 # Without these a row means nothing; a file that lacks one is reported and skipped.
 REQUIRED_KEYS = ("strategy", "task_stream", "model", "ACC")
 
@@ -161,7 +161,7 @@ def load_run_config(run_folder: Path) -> dict[str, str]:
     import yaml  # PyYAML comes with omegaconf
 
     try:
-        return flatten(yaml.safe_load((run_folder / "config.yaml").read_text(encoding="utf-8")) or {})
+        return flatten(yaml.safe_load((run_folder / CONFIG_FILE).read_text(encoding="utf-8")) or {})
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -202,11 +202,10 @@ def tasks_from_accuracy_csv(run_folder: Path) -> Optional[list[str]]:
 
 
 def load_environment(run_folder: Path) -> dict:
-    try:
-        data = json.loads((run_folder / "environment.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """The run's environment.json, or {} when it is missing or unreadable."""
+    from cl_runner.reporting.environment import load_environment as load
+
+    return load(run_folder) or {}
 
 
 def load_run(path: Path) -> RunResult:
@@ -274,12 +273,12 @@ def _monitor_scores(data: dict, path: Path) -> dict:
 def _is_run_folder(folder: Path) -> bool:
     """A folder cl-run made: its config.yaml is a resolved run config (not a Hydra
     primary config with `defaults:`, nor W&B's), or it has an environment.json."""
-    if (folder / "environment.json").is_file():
+    if (folder / ENVIRONMENT_FILE).is_file():
         return True
     import yaml
 
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return False
     # W&B keeps its own config.yaml ({key: {value: ...}}) inside the run's wandb/ folder.
@@ -294,7 +293,7 @@ def find_unfinished_runs(paths: Sequence[Path]) -> list[Path]:
     for path in paths:
         if not path.is_dir():
             continue
-        for config in sorted(path.rglob("config.yaml")):
+        for config in sorted(path.rglob(CONFIG_FILE)):
             folder = config.parent
             if "wandb" in config.relative_to(path).parts:
                 continue  # W&B's own files inside a run folder

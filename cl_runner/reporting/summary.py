@@ -4,14 +4,18 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from cl_runner.checkpoints.files import Progress
 from cl_runner.reporting.formatting import format_named_metric
 from cl_runner.strategies.registry import strategy_label
-from cl_runner.reporting.tracking import Tracker, write_accuracy_csv, write_json
+from cl_runner.reporting.tracking import write_accuracy_csv, write_json
+from cl_runner.reporting.outputs import ACCURACY_FILE, METRICS_FILE, MONITOR_FILE
+
+if TYPE_CHECKING:
+    from cl_runner.training.run import RunContext
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -99,51 +103,28 @@ def format_cost(metrics: dict[str, Any]) -> str:
     return ("cost: " + "  ".join(parts)) if parts else ""
 
 
-def save_final_model(loop: Any) -> Optional[str]:
-    """The final weights as a Hugging Face folder (config, safetensors, tokenizer when it is
-    a Hugging Face one) in <run>/final_model; every rank calls it, rank 0 writes."""
-    model = loop.accelerator.unwrap_model(loop.model)
-    from cl_runner.models.adapters import is_adapted, merged_for_saving
-
-    if is_adapted(model):  # a plain transformers folder: the active LoRAs merged into the weights
-        model = merged_for_saving(model)
-    if loop.sharded:
-        from cl_runner.distributed.sharding import full_state_dict
-
-        state = full_state_dict(model)  # collective; the full tensors land on rank 0 only
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if loop.is_main else None
-    if not loop.is_main:
-        return None
-    folder = loop.run_dir / "final_model"
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    hf_tokenizer = getattr(loop.bundle.tokenizer, "hf", None)
-    if hf_tokenizer is not None:
-        hf_tokenizer.save_pretrained(folder)
-    print(f"[cl-run] final model: {folder}", flush=True)
-    return str(folder)
-
-
-def adapter_report(loop: Any) -> Optional[dict[str, Any]]:
+def adapter_report(run: RunContext) -> Optional[dict[str, Any]]:
     """model.adapter's kind, rank, targets and parameter counts (None without an adapter)."""
     from cl_runner.models.adapters import adapter_summary, is_adapted
 
-    model = loop.accelerator.unwrap_model(loop.model)
+    model = run.unwrapped_model
     return adapter_summary(model) if is_adapted(model) else None
 
 
-def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Tracker) -> dict[str, Any]:
+def finish_run(run: RunContext, progress: Progress, wall_time_s: float) -> dict[str, Any]:
+    """metrics.json, R.csv, plots, the tracker's summary and the printed table (rank 0);
+    the final model when asked for (every rank takes part)."""
     from cl_runner.evaluation.metrics import summarize
 
-    names = loop.stream.names
+    names = run.stream.names
     metrics: dict[str, Any] = {
-        "run_id": loop.run_dir.name,
-        "experiment": loop.cfg.experiment_name,
-        "model": loop.cfg.model.name,
-        "task_stream": loop.cfg.task_stream.name,
-        "strategy": strategy_label(loop.cfg),
-        "strategy_members": loop.strategy.name,  # the base strategy + add-ons that ran
-        "seed": loop.cfg.seed,
+        "run_id": run.run_dir.name,
+        "experiment": run.cfg.experiment_name,
+        "model": run.cfg.model.name,
+        "task_stream": run.cfg.task_stream.name,
+        "strategy": strategy_label(run.cfg),
+        "strategy_members": run.strategy.name,  # the base strategy + add-ons that ran
+        "seed": run.cfg.seed,
         "tasks": names,
         "R": progress.R,
     }
@@ -156,31 +137,33 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
         "train_tokens": progress.train_tokens,
         "train_tokens_per_s": tokens_per_s,
         "optimizer_steps": progress.global_step,
-        "distributed": {"world_size": loop.accelerator.num_processes, "sharding": loop.cfg.trainer.sharding},
+        "distributed": {"world_size": run.accelerator.num_processes, "sharding": run.cfg.trainer.sharding},
         "train_loss_curves": {name: curve for name, curve in zip(names, progress.loss_curves)},
-        "strategy_extra_bytes": loop.strategy.extra_state_bytes(),
-        "strategy_report": loop.strategy.report(),
-        "adapter": adapter_report(loop),
-        "decoding": _plain(loop.cfg.evaluation),
+        "strategy_extra_bytes": run.strategy.extra_state_bytes(),
+        "strategy_report": run.strategy.report(),
+        "adapter": adapter_report(run),
+        "decoding": _plain(run.cfg.evaluation),
         **peak_memory_bytes(),
     })
-    if loop.monitor:
-        monitor_names = [t.name for t in loop.monitor]
+    if run.monitor:
+        monitor_names = [t.name for t in run.monitor]
         metrics["monitor"] = progress.monitor  # rows of R x monitor tasks
         metrics["monitor_tasks"] = monitor_names
         metrics["monitor_change"] = monitor_change(progress.monitor, monitor_names)
-    if loop.cfg.get("save_final_model"):
-        metrics["final_model"] = save_final_model(loop)
-    if not loop.is_main:
+    if run.cfg.get("save_final_model"):
+        from cl_runner.checkpoints.final_model import save_final_model
+
+        metrics["final_model"] = save_final_model(run)
+    if not run.is_main:
         return metrics
-    run_dir: Path = loop.run_dir
+    run_dir: Path = run.run_dir
     from cl_runner.reporting.environment import run_environment
 
-    metrics["environment"] = run_environment(run_dir, loop.accelerator)
-    write_json(run_dir / "metrics.json", metrics)
-    write_accuracy_csv(run_dir / "R.csv", progress.R, names)
-    if loop.monitor:
-        write_accuracy_csv(run_dir / "monitor.csv", progress.monitor, names, metrics["monitor_tasks"])
+    metrics["environment"] = run_environment(run_dir, run.accelerator)
+    write_json(run_dir / METRICS_FILE, metrics)
+    write_accuracy_csv(run_dir / ACCURACY_FILE, progress.R, names)
+    if run.monitor:
+        write_accuracy_csv(run_dir / MONITOR_FILE, progress.monitor, names, metrics["monitor_tasks"])
     try:
         from cl_runner.reporting.plots import plot_accuracy_matrix, plot_forgetting_curves
 
@@ -193,9 +176,9 @@ def finish_run(loop: Any, progress: Progress, wall_time_s: float, tracker: Track
     if metrics.get("adapter"):
         summary["adapter_parameters"] = metrics["adapter"]["adapter_parameters"]
     summary.update({f"monitor_change/{k}": v for k, v in (metrics.get("monitor_change") or {}).items()})
-    tracker.summary(summary)
+    run.tracker.summary(summary)
     print("\n" + format_summary(progress.R, names, metrics))
-    if loop.monitor:
+    if run.monitor:
         print("\n" + format_monitor(progress.monitor, metrics["monitor_tasks"], names))
     print(f"\n[cl-run] results: {run_dir}/metrics.json  R.csv  plots/  predictions/", flush=True)
     return metrics

@@ -11,10 +11,11 @@ import math
 import os
 import shutil
 import time
+from cl_runner.reporting.outputs import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE
 from pathlib import Path
 from typing import Any, Optional
 
-RESULT_MARKERS = ("metrics.json", "checkpoints")
+RESULT_MARKERS = (METRICS_FILE, "checkpoints")
 
 
 class RunFolderError(FileExistsError):
@@ -39,7 +40,7 @@ def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional
             raise RunFolderError(taken)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(folder / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.close(os.open(folder / CONFIG_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
             raise RunFolderError(taken) from None
         except (NotADirectoryError, PermissionError) as err:
@@ -67,8 +68,8 @@ def discard_unstarted_run(folder: Path) -> None:
     files), then the folder if that leaves it empty. A user's own files are never touched."""
     if any((folder / m).exists() for m in RESULT_MARKERS):
         return
-    (folder / "config.yaml").unlink(missing_ok=True)
-    (folder / "environment.json").unlink(missing_ok=True)
+    (folder / CONFIG_FILE).unlink(missing_ok=True)
+    (folder / ENVIRONMENT_FILE).unlink(missing_ok=True)
     shutil.rmtree(folder / "wandb", ignore_errors=True)
     try:
         folder.rmdir()

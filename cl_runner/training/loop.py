@@ -16,25 +16,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from cl_runner.checkpoints.adapter import FrozenBase, load_model_state
+from cl_runner.checkpoints.adapter import load_model_state
 from cl_runner.training.anneal import optimizer_copy, prepared_alone
-from cl_runner.models.batching import Collator, compute_loss
+from cl_runner.models.batching import compute_loss
 from cl_runner.checkpoints.files import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
-from cl_runner.errors import ConfigError
-from cl_runner.config.validate import check_epochs, check_lengths, check_task_budget, position_limit
 from cl_runner.evaluation.predict import generation_budget, predict
-from cl_runner.models.label_space import LabelSpace
 from cl_runner.streams.sampling import EndlessShuffle
-from cl_runner.models.build import build_model
-from cl_runner.strategies import StrategyContext, StrategyStack, build_strategy
-from cl_runner.streams.build import build_monitor, build_stream
-from cl_runner.streams.records import RecordError
+from cl_runner.strategies import StrategyContext, StrategyStack
+from cl_runner.training.run import RunContext
 from cl_runner.streams.task import Example, Task, TaskStream
-from cl_runner.reporting.tracking import Tracker, write_item_scores, write_predictions
+from cl_runner.reporting.tracking import write_item_scores, write_predictions
 
 
 class TrainingDivergedError(RuntimeError):
@@ -127,66 +121,32 @@ def build_adamw(params: list[torch.nn.Parameter], trainer: Any) -> torch.optim.A
                              betas=tuple(trainer.adam_betas), eps=trainer.adam_eps)
 
 
-def check_scorers(stream: TaskStream) -> None:
-    from cl_runner.evaluation.scorers import SCORERS
-
-    for task in stream:
-        if task.scorer not in SCORERS:
-            raise ValueError(f"task '{task.name}': unknown scorer {task.scorer!r}; choose one of {', '.join(sorted(SCORERS))}")
-
-
 class ContinualLoop:
-    def __init__(self, cfg: Any, run_dir: Path, tracker: Tracker, accelerator: Optional[Accelerator] = None,
-                 strategy: Optional[StrategyStack] = None) -> None:
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.tracker = tracker
-        self.trainer = cfg.trainer
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.trainer.precision)
-        set_seed(cfg.seed)
-        try:
-            self.stream: TaskStream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
-            check_scorers(self.stream)
-            # evaluation.monitor: scored with every row of R, never trained.
-            self.monitor: list[Task] = build_monitor(cfg.evaluation.monitor, cfg.task_stream, cfg.model.kind,
-                                                     cfg.seed, self.stream.names) if cfg.evaluation.monitor else []
-            check_scorers(TaskStream(name="monitor", tasks=self.monitor))
-        except RecordError:
-            raise
-        except ValueError as err:  # a task the config asks for cannot be made: one line, no traceback
-            raise ConfigError(str(err)) from None
-        check_epochs(self.trainer, self.stream.names)
-        scored = TaskStream(name=self.stream.name, tasks=self.stream.tasks + self.monitor)
-        label_space = LabelSpace(scored, cfg.model.head_sharing) if cfg.model.kind == "classifier" else None
-        # cl-run builds (and checks) the stack before the run folder exists and hands it in.
-        # It is needed before the model: a strategy may ask for several adapters (O-LoRA).
-        self.strategy = strategy if strategy is not None else build_strategy(cfg)
-        self.bundle = build_model(cfg.model, label_space, self.strategy.adapter_names(len(self.stream)))
-        # The lengths against the model as built (a loaded model's own config) and each
-        # task's generation budget, before any training or evaluation.
-        check_lengths(cfg, position_limit(self.bundle.model.config), "the model's config")
-        if cfg.model.kind != "classifier":
-            for task in scored:
-                check_task_budget(cfg, task.name, generation_budget(cfg.evaluation, task))
-        self.collate = Collator(cfg.model.kind, self.bundle.tokenizer, cfg.model.max_length, label_space,
-                                device=self.accelerator.device)
-        self.sharded = cfg.trainer.sharding == "fsdp"
-        if self.sharded:
-            from cl_runner.distributed.sharding import ensure_process_group, shard_model
+    """Trains and evaluates a run built by `build_run` (training/run.py); builds nothing
+    but the optimizer and the strategies' context."""
 
-            ensure_process_group(self.accelerator.device)
-            self.model = shard_model(self.bundle.model.to(self.accelerator.device), self.trainer)
-        else:
-            self.model = self.accelerator.prepare(self.bundle.model)
+    def __init__(self, run: RunContext) -> None:
+        self.run_context = run
+        self.cfg = run.cfg
+        self.run_dir = run.run_dir
+        self.tracker = run.tracker
+        self.trainer = run.cfg.trainer
+        self.accelerator = run.accelerator
+        self.stream: TaskStream = run.stream
+        self.monitor: list[Task] = run.monitor
+        self.strategy = run.strategy
+        self.bundle = run.bundle
+        self.collate = run.collate
+        self.model = run.model
+        self.sharded = run.sharded
+        self.frozen_base = run.frozen_base
         self.strategy_ctx = StrategyContext(
             accelerator=self.accelerator, model=self.model, stream=self.stream,
-            model_kind=self.bundle.kind, model_family=self.bundle.family, seed=cfg.seed,
+            model_kind=self.bundle.kind, model_family=self.bundle.family, seed=self.cfg.seed,
             trainer=self.trainer, loss_fn=compute_loss, collate=self.collate,
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
             anneal=self.anneal)
         self.strategy.setup(self.strategy_ctx)
-        # Adapter runs checkpoint the adapters and head only, against this fingerprinted base.
-        self.frozen_base = None if self.sharded else FrozenBase.of(self.accelerator.unwrap_model(self.model))
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)

@@ -32,7 +32,7 @@ class BuiltModels(list):
 @pytest.fixture
 def initial_states(monkeypatch):
     """The model's state right after it is built, one per run (captured around build_model)."""
-    import cl_runner.training.loop as loop
+    import cl_runner.training.run as loop  # where the run builds its model
 
     states = BuiltModels()
     original = loop.build_model
@@ -143,7 +143,7 @@ def test_adapter_checkpoints_are_a_fraction_of_full_ones(tmp_path):
 def test_resuming_an_adapter_run_on_another_base_is_refused(tmp_path, monkeypatch):
     """A base that differs from the one the adapters were trained on (here: one weight
     nudged after the build) stops the resume with the weight's name, before any training."""
-    import cl_runner.training.loop as loop
+    import cl_runner.training.run as loop  # where the run builds its model
     from cl_runner.checkpoints.files import CheckpointError
 
     overrides = TINY + ["model.adapter=lora", f"output_dir={tmp_path / 'stopped'}"]

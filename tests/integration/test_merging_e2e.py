@@ -101,7 +101,7 @@ def test_help_lists_the_merging_strategies(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, expected", [
     (["strategy=opcm", "trainer.sharding=fsdp"], ["strategy=opcm cannot run with trainer.sharding=fsdp",
-                                                  "use trainer.sharding=none"]),
+                                                  "set trainer.sharding=none"]),
     (["strategy=opcm", "strategy.alpha=1.5"], ["bad value for 'strategy.alpha': 1.5", "[0, 1)"]),
     (["strategy=continual_ties", "strategy.threshold=0.2"], ["bad value for 'strategy.threshold': 0.2", "(1, 100]"]),
 ], ids=["fsdp", "alpha", "threshold"])

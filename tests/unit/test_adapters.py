@@ -170,7 +170,7 @@ def test_training_steps_leave_every_base_weight_bit_identical():
 
 
 def test_adapter_runs_are_labelled_as_such_in_folder_names():
-    from cl_runner.cli import run_label
+    from cl_runner.training.run import run_label
 
     assert run_label(validate(compose(["model=tiny_llama", "strategy=olora"]))) == "synthetic_tiny_llama+lora_olora_s0"
     assert run_label(validate(compose(["model=tiny_llama"]))) == "synthetic_tiny_llama_seq_ft_s0"

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cl_runner.config.validate import validate
+from cl_runner.strategies import build_strategy
 from cl_runner.training.loop import ContinualLoop
-from cl_runner.reporting.tracking import Tracker
+from cl_runner.training.run import build_run
 from tests.helpers import compose
 from tests.unit.test_svd_orthogonal import logical, top_k
 
@@ -23,7 +25,9 @@ BASE = ["logger=none", "trainer.progress_bar=false", "model=tiny_gpt2", "task_st
 
 
 def make_loop(tmp_path, *overrides: str) -> ContinualLoop:
-    return ContinualLoop(compose(BASE + list(overrides)), tmp_path, Tracker())
+    """A loop on a run built as cl-run builds it, its folder under tmp_path."""
+    cfg = validate(compose(BASE + list(overrides) + [f"output_dir={tmp_path / 'run'}"]))
+    return ContinualLoop(build_run(cfg, build_strategy(cfg)))
 
 
 def weights(loop: ContinualLoop) -> dict[str, torch.Tensor]:

@@ -75,3 +75,23 @@ def test_results_section_table_from_a_hand_made_csv(tmp_path):
     assert table[3] == "| olora (lora) | 1 | 0.550 (0.500–0.620) | - | - | - | 0.50× | - | - |"
     assert table[4].startswith("| seq_ft | 3 | 0.500 ± 0.100 | -0.300 ± 0.100 | - | - | 1.00× | 1.00× |")
     assert lines[0] == module.BEGIN and lines[-1] == module.END
+
+
+def test_writing_a_strategy_names_the_whole_contract():
+    """Every public hook and declared fact of Strategy, every field of StrategyContext and
+    every registration field appears in docs/writing_a_strategy.md (in backticks)."""
+    import dataclasses
+    import inspect
+
+    from cl_runner.strategies import registry
+    from cl_runner.strategies.base import Strategy, StrategyContext
+
+    page = (REPO / "docs" / "writing_a_strategy.md").read_text()
+    hooks = [n for n, v in vars(Strategy).items() if not n.startswith("_") and inspect.isfunction(v)]
+    facts = [n for n in Strategy.__annotations__ if not n.startswith("_") and n != "name"]
+    context = [f.name for f in dataclasses.fields(StrategyContext)]
+    fields = [f.name for f in dataclasses.fields(registry.Registration)]
+    register_args = [p for p in inspect.signature(registry.register).parameters]
+    missing = [n for n in hooks + facts + context + fields + register_args if f"`{n}" not in page]
+    assert not missing, f"docs/writing_a_strategy.md does not mention: {missing}"
+    assert len(hooks) >= 20 and "memory_estimate" in hooks and "check_run_config" in hooks
