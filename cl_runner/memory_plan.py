@@ -416,6 +416,9 @@ def assemble(cfg: Any, facts: ModelFacts, est: StrategyEstimate, world_size: int
         assumptions.append(f"model.dtype={dtype}: weights, gradients and optimizer moments are all {dtype}, no fp32 "
                            f"master copy; with fp32 master weights (model.dtype=float32) those three rows would be "
                            f"{gib(fp32)} per rank")
+    if est.host_bytes:
+        assumptions.append(f"strategy state in host memory, not in the rows: up to {gib(est.host_bytes)} per process "
+                           f"({est.name})")
     assumptions.append("not counted: the CUDA context and allocator fragmentation (keep ~10% free), evaluation's "
                        "generation cache, temporary buffers of single ops")
     return MemoryPlan(model=facts.name, kind=facts.kind, family=facts.family, source=facts.source, params=P,

@@ -38,3 +38,16 @@ def register_schemas() -> None:
         store.store(group="schema/strategy", name=name, node=schema_node(reg.config))
     for name, reg in registry.registrations(registry.ADDON).items():
         store.store(group="schema/addons", name=name, node=schema_node(reg.config))
+    if not OmegaConf.has_resolver("cl_strategies"):  # cl-run --help lists them (configs/hydra/help)
+        OmegaConf.register_new_resolver("cl_strategies", strategies_help)
+
+
+def strategies_help() -> str:
+    """One line per registered strategy and add-on, from their registrations."""
+    from cl_runner.strategies import registry
+
+    regs = registry.registrations()
+    width = max(len(r.switch_on) for r in regs.values())
+    lines = [f"  {r.switch_on.ljust(width)}  {r.summary}" for r in registry.registrations(registry.BASE).values()]
+    lines += [f"  {r.switch_on.ljust(width)}  {r.summary}" for r in registry.addons()]
+    return "\n".join(lines)

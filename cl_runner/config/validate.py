@@ -85,10 +85,13 @@ def _check_ranges(cfg: DictConfig) -> None:
     _check(tr.batch_size >= 1, "trainer.batch_size", tr.batch_size, "use a positive integer")
     _check(tr.grad_accum >= 1, "trainer.grad_accum", tr.grad_accum, "use a positive integer")
     _check(math.isfinite(tr.lr) and tr.lr > 0, "trainer.lr", tr.lr, "use a positive, finite learning rate")
-    _check(tr.weight_decay >= 0, "trainer.weight_decay", tr.weight_decay, "use a value >= 0")
+    _check(math.isfinite(tr.weight_decay) and tr.weight_decay >= 0, "trainer.weight_decay", tr.weight_decay,
+           "use a finite value >= 0")
+    _check(math.isfinite(tr.adam_eps), "trainer.adam_eps", tr.adam_eps, "use a finite number")
     _check(0 <= tr.warmup_ratio < 1, "trainer.warmup_ratio", tr.warmup_ratio, "use a value in [0, 1)")
     _check(tr.steps_per_task is None or tr.steps_per_task >= 1, "trainer.steps_per_task", tr.steps_per_task, "use a positive integer or null")
-    _check(tr.max_grad_norm is None or tr.max_grad_norm > 0, "trainer.max_grad_norm", tr.max_grad_norm, "use a positive number or null to disable clipping")
+    _check(tr.max_grad_norm is None or (math.isfinite(tr.max_grad_norm) and tr.max_grad_norm > 0),
+           "trainer.max_grad_norm", tr.max_grad_norm, "use a positive, finite number or null to disable clipping")
     _check(tr.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps", tr.checkpoint_every_steps, "use 0 (task boundaries only) or a positive step count")
     _check(tr.keep_checkpoints >= 1, "trainer.keep_checkpoints", tr.keep_checkpoints, "keep at least 1")
     _check(tr.cpu_threads is None or tr.cpu_threads >= 1, "trainer.cpu_threads", tr.cpu_threads,
@@ -237,10 +240,6 @@ def check_run_shape(cfg: DictConfig) -> None:
     _check(ev.max_new_tokens is None or ev.max_new_tokens >= 1, "evaluation.max_new_tokens", ev.max_new_tokens,
            "use a positive number of new tokens, or null for each task's own budget")
     tr = cfg.trainer
-    for key in ("weight_decay", "adam_eps"):
-        _check(math.isfinite(tr[key]), f"trainer.{key}", tr[key], "use a finite number")
-    _check(tr.max_grad_norm is None or math.isfinite(tr.max_grad_norm), "trainer.max_grad_norm", tr.max_grad_norm,
-           "use a positive, finite number or null to disable clipping")
     check_lengths(cfg, position_limit(m.architecture_config) if m.path is None and m.gguf_file is None else None,
                   "model.architecture_config")
     try:

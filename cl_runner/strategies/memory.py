@@ -87,6 +87,9 @@ class StrategyEstimate:
     addon_notes: list[str] = field(default_factory=list)
     addon_transient_bytes: int = 0
     addon_transient_note: str = ""
+    # State kept in host memory, not on the device (replay's example buffer): in the plan's
+    # notes and assumptions, not its per-rank rows. An upper bound where the size depends on data.
+    host_bytes: int = 0
     # Rows of their own in the plan: (name, bytes on one process holding everything, note);
     # split over ranks under FSDP like the state.
     rows: list[tuple[str, int, str]] = field(default_factory=list)
@@ -102,6 +105,7 @@ class StrategyEstimate:
         if extra.transient_bytes > self.addon_transient_bytes:
             self.addon_transient_bytes, self.addon_transient_note = extra.transient_bytes, extra.transient_note
         self.rows += extra.rows
+        self.host_bytes += extra.host_bytes
         if extra.optimizer_bytes_per_param is not None and self.optimizer_bytes_per_param is None:
             self.optimizer_bytes_per_param, self.optimizer_note = (extra.optimizer_bytes_per_param,
                                                                    extra.optimizer_note)

@@ -111,8 +111,15 @@ def select_examples(examples: list[Example], per_task: Optional[int], share: Opt
           example=("replay.ratio=0.25",))
 class Replay(Strategy):
     def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
-        return StrategyEstimate(self.name, notes=["replay: its buffer is examples in host memory (negligible on "
-                                                  "the GPU)"])
+        # Text, at most per_task examples of each past task (all of a task's examples without
+        # a cap): at most model.max_length bytes each as a bound, prompt and answer together.
+        c, cfg = self.config, inputs.cfg
+        per_task = c.per_task if c.per_task is not None else None
+        bound = None if per_task is None else per_task * max(0, inputs.n_tasks - 1) * int(cfg.model.max_length) * 4
+        what = (f"at most {per_task} examples per past task" if per_task is not None
+                else "a share of every past task's examples")
+        return StrategyEstimate(self.name, host_bytes=bound or 0, notes=[
+            f"replay: its buffer is examples in host memory, {what} (none on the GPU)"])
 
     def __init__(self, config: ReplayConfig) -> None:
         super().__init__(config)

@@ -165,11 +165,20 @@ class StrategyStack(Strategy):
 
     def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
         """The base's estimate with every add-on's folded in (kept apart for FSDP layouts)."""
-        est = self.base.memory_estimate(inputs)
+        est = _named(self.base.memory_estimate(inputs), self.base.name)
         est.name = self.name
         for m in self.members[1:]:
-            est.add_addon(m.memory_estimate(dataclasses.replace(inputs, base=est)))
+            est.add_addon(_named(m.memory_estimate(dataclasses.replace(inputs, base=est)), m.name))
         return est
 
     def report(self) -> dict[str, Any]:
         return {m.name: r for m in self.members if (r := m.report())}
+
+
+def _named(est: StrategyEstimate, name: str) -> StrategyEstimate:
+    """Every note of a member's estimate starts with the member's name, so the plan's
+    state line says whose state each part is."""
+    est.notes = [n if n.startswith(f"{name}:") else f"{name}: {n}" for n in est.notes]
+    if est.notes == [] and not est.state_bytes:
+        est.notes = [f"{name}: no state of its own"]
+    return est

@@ -84,3 +84,20 @@ def test_cl_run_refuses_before_anything_is_made(tmp_path, monkeypatch, capsys, a
     code, _, err = cl_main(args, tmp_path, monkeypatch, capsys)
     assert_one_line_error(code, err, *expected, prefix="cl-run: config error:")
     assert no_run_folder(tmp_path)
+
+
+@pytest.mark.parametrize("on", [combo for k in range(4) for combo in __import__("itertools").combinations(
+    ["lr_schedule", "replay", "lines"], k)], ids=lambda combo: "+".join(combo) or "none")
+@pytest.mark.parametrize("flip", [False, True], ids=["registry_order", "reversed_on_the_command_line"])
+def test_folder_name_label_and_members_agree_for_every_addon_combination(on, flip):
+    """The run folder's name, metrics.json's "strategy" and "strategy_members" all come from
+    the registry's one label function: the same add-ons in the same (registered) order,
+    whatever order the command line names them in."""
+    from cl_runner.strategies.registry import members_label, strategy_label
+    from cl_runner.training.run import run_label
+
+    switches = [f"{name}.enabled=true" for name in on]
+    cfg = validate(compose(["strategy=ewc", *(reversed(switches) if flip else switches)]))
+    expected = "+".join(["ewc", *[n for n in ("lr_schedule", "replay", "lines") if n in on]])
+    assert strategy_label(cfg) == members_label(cfg) == build_strategy(cfg).name == expected
+    assert run_label(cfg) == f"synthetic_tiny_gpt2_{expected}_s0"

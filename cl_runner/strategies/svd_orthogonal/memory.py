@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import torch
-
 from cl_runner.strategies.memory import FP32, PlanInputs, ShardedEstimate, StrategyEstimate, gib
 
 
@@ -49,16 +47,15 @@ def _fraction_size(r: Any, m: int, n: int) -> int:
     return max(m, n) if r.mode == "ratio" and r.get("fraction_of", "min_dim") == "max_dim" else min(m, n)
 
 
-def estimate_svd(s: Any, inputs: PlanInputs) -> StrategyEstimate:
+def estimate_svd(s: Any, inputs: PlanInputs, basis_bytes: int) -> StrategyEstimate:
+    """`basis_bytes`: bytes per value of the bases (strategy.basis_dtype)."""
     facts, param_bytes, n_tasks = inputs.facts, inputs.param_bytes, inputs.n_tasks
     from cl_runner.strategies.base import plain_config
-    from cl_runner.strategies.svd_orthogonal.strategy import BASIS_DTYPES
     from cl_runner.strategies.svd_orthogonal.rank import scheduled_fraction
     from cl_runner.strategies.svd_orthogonal.targets import find_targets
 
     targets = find_targets(facts.model, facts.family, plain_config(s.targets) or {})
     shapes = [tuple(t.param.shape) for t in targets]
-    basis_bytes = torch.empty((), dtype=BASIS_DTYPES[s.basis_dtype]).element_size()
     r = s.rank
     if r.mode == "ratio":
         base, rounding = 1.0 - r.unfreeze_ratio, "floor"

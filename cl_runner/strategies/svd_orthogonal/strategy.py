@@ -138,7 +138,8 @@ class SVDOrthogonal(Strategy):
     def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
         from cl_runner.strategies.svd_orthogonal.memory import estimate_svd
 
-        return estimate_svd(self.config, inputs)
+        basis_bytes = torch.empty((), dtype=BASIS_DTYPES[self.config.basis_dtype]).element_size()
+        return estimate_svd(self.config, inputs, basis_bytes)
 
     def __init__(self, config: SVDOrthogonalConfig) -> None:
         super().__init__(config)
