@@ -69,7 +69,7 @@ class PerTaskFineTuning(Strategy):
     def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
         copy = FP32 * inputs.trainable
         kept = 1 + (inputs.n_tasks if self.config.store == "memory" else 1)
-        where = (f"theta_0 and one task vector per task" if self.config.store == "memory" else
+        where = ("theta_0 and one task vector per task" if self.config.store == "memory" else
                  f"theta_0 and the task vector being scored (the others on disk, {gib(copy)} each)")
         return StrategyEstimate(self.name, notes=[
             f"per_task_ft: {where}, fp32 copies of the {count(inputs.trainable)} trainable parameters, in host memory "
