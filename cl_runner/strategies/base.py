@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -51,6 +52,8 @@ class StrategyContext:
     # True while `anneal` runs: per-step hooks run as in training, and a hook that gathers
     # statistics of the training steps (EWC's trace_online Fisher) leaves the anneal out.
     annealing: bool = False
+    # The run folder (strategies that keep large state on disk write under it); None in tests.
+    run_dir: Optional[Path] = None
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -158,6 +161,14 @@ class Strategy:
     def evaluation_weights(self, t: int) -> contextlib.AbstractContextManager:
         """A context in which the model holds the weights to evaluate after task t
         (LiNeS eval-only scaling, an annealed copy); the training weights come back on exit."""
+        return contextlib.nullcontext()
+
+    def evaluation_weights_for(self, t: int, k: Optional[int]) -> contextlib.AbstractContextManager:
+        """Inside `evaluation_weights(t)`, around the scoring of one task: a context in which
+        the model holds the weights to score stream task k (0-based) with after task t, or a
+        monitor task (k None). The row's weights are back when `evaluation_weights(t)` exits.
+        Not called for the row before training. Default: one model scores every task
+        (per_task_ft: task k's own model)."""
         return contextlib.nullcontext()
 
     # -- bookkeeping ----------------------------------------------------------------

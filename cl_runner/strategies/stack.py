@@ -152,6 +152,13 @@ class StrategyStack(Strategy):
                 stack.enter_context(m.evaluation_weights(t))
             yield
 
+    @contextlib.contextmanager
+    def evaluation_weights_for(self, t: int, k: Optional[int]):
+        with contextlib.ExitStack() as stack:
+            for m in self.members:
+                stack.enter_context(m.evaluation_weights_for(t, k))
+            yield
+
     def state_dict(self) -> dict[str, Any]:
         return {m.name: m.state_dict() for m in self.members}
 

@@ -145,7 +145,7 @@ class ContinualLoop:
             model_kind=self.bundle.kind, model_family=self.bundle.family, seed=self.cfg.seed,
             trainer=self.trainer, loss_fn=compute_loss, collate=self.collate,
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
-            anneal=self.anneal)
+            anneal=self.anneal, run_dir=run_dir)
         self.strategy.setup(self.strategy_ctx)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
@@ -411,7 +411,10 @@ class ContinualLoop:
                 # keeps stepping until every rank's sequences are done (synced).
                 longest = -(-len(task.test) // world)
                 shard = shard + [task.test[0]] * (longest - size)
-            with self.accelerator.autocast():
+            # After a task, the strategy may hold other weights for each task (per_task_ft).
+            own = self.strategy.evaluation_weights_for(tasks_learned - 1, j if kind == "task" else None) \
+                if tasks_learned else contextlib.nullcontext()
+            with own, self.accelerator.autocast():
                 local = predict(model, self.collate, task, shard, ev, ev.batch_size, synced=self.sharded)[:size]
             gathered = gather_object([(rank + world * i, p) for i, p in enumerate(local)]) if world > 1 else list(enumerate(local))
             predictions = [p for _, p in sorted(gathered, key=lambda x: x[0])]
