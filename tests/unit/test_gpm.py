@@ -173,8 +173,11 @@ def test_later_task_leaves_w_x_unchanged_on_the_stored_subspace(project_update, 
 
     before = logical_weights(model)
     strategy.before_task(1, task(1))
+    assert not model.fc.bias.requires_grad and not model.proj.bias.requires_grad  # freeze_untargeted
     train(strategy, model, collate, 1)
     after = logical_weights(model)
+    strategy.after_task(1, task(1))
+    assert model.fc.bias.requires_grad and strategy.report()["tasks"][1]["frozen_untargeted"] == 2
     for name in ("fc", "proj"):
         assert not torch.allclose(after[name], before[name], atol=1e-3), "task 2 trains the layer"
         gap = ((after[name] - before[name]) @ SUBSPACE).abs().max().item()  # W x for x in span(M)

@@ -12,7 +12,9 @@ and, with `project_update` (default), AdamW's step is projected the same way aft
 same): W M stays at its task-start value, so W x is unchanged for every x in span(M).
 Both projections are one-sided `cl_runner.ops` projections (the other side's basis None)
 through svd_orthogonal's `ProjectionGroups` (same-shape targets batched, factored anchor
-W_start M instead of a copy of W). The first task trains unconstrained (M is empty).
+W_start M instead of a copy of W). The first task trains unconstrained (M is empty);
+from the second on, `freeze_untargeted` (default) freezes every other parameter, so the
+targets' inputs for earlier tasks' examples stay as they were too.
 """
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ class GPMConfig:
     # paper: Eq. 5 at the first task (the fewest directions reaching eps) | authors: update_GPM's
     # first-task count (one fewer); later tasks are the same in both (Eq. 9).
     variant: str = "paper"
+    # From the second task on, freeze every parameter that is not a target (embeddings, norms,
+    # biases; the LM head, tied or not), so a target's inputs x, and with them its preserved
+    # W x, are not moved by other parameters. The authors' nets have no biases and zero the
+    # gradients of their 1-D (BatchNorm) parameters from the second task (main_cifar100.py
+    # line 157). A classifier's head stays trainable: later tasks bring classes of their own.
+    freeze_untargeted: bool = True
     # Keep AdamW's state across tasks instead of a fresh optimizer per task (the authors
     # build a new SGD optimizer per task).
     carry_optimizer: bool = False
@@ -86,6 +94,9 @@ class GradientProjectionMemory(Strategy):
         self.bases: dict[str, torch.Tensor] = {}  # target name -> M (in x k), fp32
         self._in_task = False
         self._history: list[dict[str, Any]] = []
+        self._frozen: list[str] = []
+        # Parameters stop getting gradients after DDP wrapped the model (cl-run then finds unused ones).
+        self.freezes_parameters = bool(c.freeze_untargeted)
 
     def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
         from cl_runner.strategies.gpm.memory import estimate_gpm
@@ -115,6 +126,29 @@ class GradientProjectionMemory(Strategy):
         if self.config.project_update:
             self.groups.snapshot_weights()
         self.groups.attach_grads()
+        self._freeze_untargeted()
+
+    def _freeze_untargeted(self) -> None:
+        if not self.config.freeze_untargeted:
+            return
+        from cl_runner.models.adapters import head_modules
+
+        model = self.ctx.unwrapped_model
+        keep = {id(tg.param) for tg in self.targets}
+        if self.ctx.model_kind == "classifier":
+            keep |= {id(p) for head in head_modules(model).values() for p in head.parameters()}
+        self._frozen = []
+        for name, p in model.named_parameters():
+            if id(p) not in keep and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None  # a carried optimizer skips parameters without a gradient
+                self._frozen.append(name)
+
+    def _unfreeze(self) -> None:
+        params = dict(self.ctx.unwrapped_model.named_parameters())
+        for name in self._frozen:
+            params[name].requires_grad_(True)
+        self._frozen = []
 
     def after_backward(self) -> None:
         if self._in_task:
@@ -125,6 +159,8 @@ class GradientProjectionMemory(Strategy):
             self.groups.project_weight_update_()
 
     def after_task(self, t: int, task: Task) -> None:
+        self._frozen_during = list(self._frozen)
+        self._unfreeze()
         started = time.perf_counter()
         batches, n_examples = self._activation_batches(t, task)
         from cl_runner.strategies.gpm.activations import input_grams
@@ -149,7 +185,8 @@ class GradientProjectionMemory(Strategy):
                  "preserved_fraction_mean": sum(fractions) / len(fractions),
                  "energy_kept_before_mean": sum(before) / len(before),
                  "energy_kept_after_mean": sum(after) / len(after),
-                 "basis_seconds": time.perf_counter() - started, "basis_bytes": tensor_bytes(self.bases)}
+                 "basis_seconds": time.perf_counter() - started, "basis_bytes": tensor_bytes(self.bases),
+                 "frozen_untargeted": len(self._frozen_during)}
         self._history.append(entry)
         self.ctx.log({f"gpm/{k}": v for k, v in entry.items() if isinstance(v, (int, float)) and k != "task"})
 
@@ -186,6 +223,7 @@ class GradientProjectionMemory(Strategy):
         if self._in_task:  # resumed mid-task: before_task is not called again; the task-start anchors come back
             self.groups.load_state_dict(state["groups"])
             self.groups.attach_grads()
+            self._freeze_untargeted()
 
     def extra_state_bytes(self) -> int:
         """The stored bases M, and what ProjectionGroups holds for the task in progress
@@ -195,7 +233,8 @@ class GradientProjectionMemory(Strategy):
     def report(self) -> dict[str, Any]:
         return {"threshold": self.config.threshold, "threshold_step": self.config.threshold_step,
                 "num_samples": self.config.num_samples, "variant": self.config.variant,
-                "project_update": self.config.project_update, "targets": len(self.targets),
+                "project_update": self.config.project_update,
+                "freeze_untargeted": self.config.freeze_untargeted, "targets": len(self.targets),
                 "tasks": list(self._history),
                 "k_per_target": {tg.name: [int(self.bases[tg.name].shape[1]) if tg.name in self.bases else 0,
                                            self.input_dim(tg)] for tg in self.targets},
