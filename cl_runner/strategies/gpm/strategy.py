@@ -76,7 +76,7 @@ class GPMConfig:
           adapters=("it projects the full weight matrices' gradients on their input side, and those stay "
                     "frozen under an adapter"),
           sharding="the projection runs on unsharded weight matrices (ProjectionGroups); use trainer.sharding=none",
-          example=("strategy.threshold=0.9", "strategy.num_samples=16"))
+          example=("strategy.threshold=0.999", "strategy.threshold_step=0"))
 class GradientProjectionMemory(Strategy):
     def __init__(self, config: GPMConfig) -> None:
         super().__init__(config)
