@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 
-def input_grams(model: nn.Module, modules: Sequence[nn.Module], dims: Sequence[int], batches: Sequence[dict[str, torch.Tensor]],
+def input_grams(model: nn.Module, modules: Sequence[nn.Module], dims: Sequence[int],
+                batches: Sequence[dict[str, torch.Tensor]],
                 forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any],
                 autocast: Callable[[], Any]) -> tuple[list[torch.Tensor], list[int]]:
     """(C per module as fp32 (dims[i] x dims[i], the module's input width), columns counted

@@ -75,7 +75,7 @@ class GPMConfig:
           summary="GPM: gradients kept off each layer's stored input subspace of earlier tasks (Saha et al. 2021)",
           adapters=("it projects the full weight matrices' gradients on their input side, and those stay "
                     "frozen under an adapter"),
-          sharding="the projection runs on unsharded weight matrices (ProjectionGroups); use trainer.sharding=none",
+          sharding="its projection (ProjectionGroups) works on whole, unsharded weight matrices",
           example=("strategy.threshold=0.999", "strategy.threshold_step=0"))
 class GradientProjectionMemory(Strategy):
     def __init__(self, config: GPMConfig) -> None:
