@@ -13,8 +13,9 @@ with O(A_i, A_t) = sum_jk |A_i A_t^T|_jk (`orthogonality: abs`, the authors' cod
 src/uie_trainer_lora.py, which produced the published tables) or sum_jk (A_i A_t^T)_jk^2
 (`squared`, the paper's Eq. 3), and ||.|| the Frobenius norm (torch.norm(p, p=2) in the code).
 
-Every adapter is created before the model is wrapped (`adapter_names`), so checkpoints
-always hold the same keys and a resumed run only has to re-activate the current task's.
+The adapter life cycle (one LoRA per task, created before the model is wrapped; earlier
+ones frozen and active; the overlap measured after each task) is `parts/per_task_lora.py`,
+shared with IncLoRA (`inc_lora.py`, this method without its penalty).
 """
 from __future__ import annotations
 
@@ -24,10 +25,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from cl_runner.strategies.base import Batch, Strategy, StrategyContext
-from cl_runner.strategies.memory import PlanInputs, StrategyEstimate, count
+from cl_runner.strategies.base import Batch
+from cl_runner.strategies.parts.per_task_lora import PerTaskLoRA, residual  # noqa: F401 (residual: olora's API)
 from cl_runner.strategies.registry import register
-from cl_runner.streams.task import Task
 from cl_runner.errors import require, require_choice
 
 FORMS = ("abs", "squared")
@@ -67,21 +67,11 @@ def norm_loss(factors: list[torch.Tensor]) -> torch.Tensor:
     return sum((torch.linalg.norm(p.float()) for p in factors), factors[0].new_zeros((), dtype=torch.float32))
 
 
-def residual(previous: torch.Tensor, current: torch.Tensor) -> tuple[float, float]:
-    """(||A_i A_t^T||_F, the same divided by ||A_i||_F ||A_t||_F: 0 orthogonal, <= 1 always)."""
-    norm = torch.linalg.norm(previous.float() @ current.float().T).item()
-    scale = (torch.linalg.norm(previous.float()) * torch.linalg.norm(current.float())).item()
-    return norm, (norm / scale if scale > 0 else 0.0)
-
-
 @register("olora", config=OLoRAConfig,
           summary="O-LoRA: one LoRA per task, kept orthogonal to the earlier tasks' LoRA subspaces",
           sharding="it trains LoRA adapters, which trainer.sharding=fsdp does not shard yet",
           example=("model.adapter=lora", "model.lora.dropout=0"))
-class OrthogonalLoRA(Strategy):
-    # Earlier tasks' adapters stop getting gradients after DDP wrapped the model.
-    freezes_parameters = True
-
+class OrthogonalLoRA(PerTaskLoRA):
     def __init__(self, config: OLoRAConfig) -> None:
         super().__init__(config)
         require_choice(config.orthogonality, "strategy.orthogonality", FORMS)
@@ -89,54 +79,12 @@ class OrthogonalLoRA(Strategy):
             value = getattr(config, key)
             require(value >= 0 and value != float("inf"), f"strategy.{key}", value,
                     "use a finite value >= 0 (the authors use lambda_1=0.5, lambda_2=0)")
-        self.names: list[str] = []
-        self.current = 0
-        # residuals[t][i] = (frobenius, relative) of tasks t and i < t, over all layers together.
-        self.residuals: dict[int, dict[int, tuple[float, float]]] = {}
 
-    def memory_estimate(self, inputs: PlanInputs) -> StrategyEstimate:
-        kept = max(0, inputs.n_tasks - 1) * (inputs.adapter_params or 0)
-        return StrategyEstimate(self.name, state_bytes=kept * inputs.param_bytes, notes=[
-            f"olora: the frozen LoRAs of the finished tasks, {count(kept)} parameters after the last task"])
-
-    def check_run_config(self, cfg: Any) -> None:
-        adapter = cfg.model.get("adapter", "none")
-        if adapter != "lora":
-            raise ValueError(f"strategy=olora trains one LoRA per task, but model.adapter={adapter}; "
-                             "set model.adapter=lora (configs/strategy/olora.yaml does unless overridden)")
-
-    def adapter_names(self, num_tasks: int) -> Optional[list[str]]:
-        self.names = [f"task_{k + 1}" for k in range(num_tasks)]
-        return list(self.names)
-
-    def setup(self, ctx: StrategyContext) -> None:
-        from cl_runner.models.adapters import is_adapted
-
-        super().setup(ctx)
-        model = ctx.unwrapped_model
-        if not is_adapted(model) or any(n not in model.peft_config for n in self.names) or not self.names:
-            raise ValueError("strategy=olora needs the model built with one LoRA per task (model.adapter=lora, "
-                             "adapters from OrthogonalLoRA.adapter_names)")
-        self._activate(0)
-
-    # -- adapters -----------------------------------------------------------------------
-    def _activate(self, t: int) -> None:
-        from cl_runner.models.adapters import activate
-
-        self.current = t
-        activate(self.ctx.unwrapped_model, self.names[:t + 1], trainable=self.names[t])
+    def _activated(self, t: int) -> None:
         # Looked up once per task, not per micro-batch: the penalty's tensors (the earlier
         # tasks' A, frozen, and the current LoRA's parameters, updated in place).
         self._current = self._factors(self.names[t])
         self._previous_a = [[a.detach() for a, _ in self._factors(n)] for n in self.names[:t]]
-
-    def _factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from cl_runner.models.adapters import lora_factors
-
-        return list(lora_factors(self.ctx.unwrapped_model, name).values())
-
-    def before_task(self, t: int, task: Task) -> None:
-        self._activate(t)
 
     # -- loss -----------------------------------------------------------------------------
     def penalty(self, model: nn.Module, batch: Batch) -> Optional[torch.Tensor]:
@@ -150,46 +98,6 @@ class OrthogonalLoRA(Strategy):
             total = term if total is None else total + term
         return total
 
-    def after_task(self, t: int, task: Task) -> None:
-        current = [a.detach() for a, _ in self._factors(self.names[t])]
-        found = {}
-        for i in range(t):
-            earlier = [a.detach() for a, _ in self._factors(self.names[i])]
-            # One matrix per task: every layer's A stacked along d would mix layers, so sum squares per layer.
-            squares = sum(residual(p, c)[0] ** 2 for p, c in zip(earlier, current))
-            scale = (sum(torch.linalg.norm(p.float()).item() ** 2 for p in earlier)
-                     * sum(torch.linalg.norm(c.float()).item() ** 2 for c in current)) ** 0.5
-            found[i] = (squares ** 0.5, (squares ** 0.5) / scale if scale > 0 else 0.0)
-        self.residuals[t] = found
-        if found:  # to the tracker too: the worst overlap with any earlier task's LoRA, and the mean
-            relative = [rel for _, rel in found.values()]
-            self.ctx.log({"olora/residual_relative_max": max(relative),
-                          "olora/residual_relative_mean": sum(relative) / len(relative)})
-
-    # -- bookkeeping ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current, "residuals": {t: dict(r) for t, r in self.residuals.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("residuals", {})
-        self.residuals = {int(t): {int(i): tuple(v) for i, v in r.items()} for t, r in saved.items()}
-        # A run resumed mid-task skips before_task: re-activate the task it was training.
-        self._activate(int(state.get("current", 0)))
-
-    def extra_state_bytes(self) -> int:
-        """The frozen LoRAs of the finished tasks, kept in the forward (the method's memory growth)."""
-        return sum(p.numel() * p.element_size()
-                   for n in self.names[:self.current] for pair in self._factors(n) for p in pair)
-
     def report(self) -> dict[str, Any]:
-        stream = self.ctx.stream.names if self.ctx is not None else self.names
-        per_task = []
-        for t, name in enumerate(self.names):
-            factors = self._factors(name)
-            per_task.append({"task": stream[t], "adapter": name, "ranks": sorted({a.shape[0] for a, _ in factors}),
-                             "layers": len(factors), "parameters": sum(a.numel() + b.numel() for a, b in factors)})
-        residuals = {stream[t]: {stream[i]: {"frobenius": f, "relative": rel} for i, (f, rel) in r.items()}
-                     for t, r in sorted(self.residuals.items())}
         return {"lambda_1": self.config.lambda_1, "lambda_2": self.config.lambda_2,
-                "orthogonality": self.config.orthogonality, "adapters": per_task,
-                "orthogonality_residual": residuals}
+                "orthogonality": self.config.orthogonality, **super().report()}
