@@ -145,7 +145,7 @@ class ContinualLoop:
             model_kind=self.bundle.kind, model_family=self.bundle.family, seed=self.cfg.seed,
             trainer=self.trainer, loss_fn=compute_loss, collate=self.collate,
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
-            anneal=self.anneal, run_dir=run_dir)
+            anneal=self.anneal, run_dir=run.run_dir)
         self.strategy.setup(self.strategy_ctx)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
