@@ -71,7 +71,7 @@ class PerTaskFineTuning(Strategy):
         kept = 1 + (inputs.n_tasks if self.config.store == "memory" else 1)
         where = ("theta_0 and one task vector per task" if self.config.store == "memory" else
                  f"theta_0 and the task vector being scored (the others on disk, {gib(copy)} each)")
-        return StrategyEstimate(self.name, notes=[
+        return StrategyEstimate(self.name, host_bytes=kept * copy, notes=[
             f"per_task_ft: {where}, fp32 copies of the {count(inputs.trainable)} trainable parameters, in host memory "
             f"({gib(kept * copy)} after {inputs.n_tasks} tasks, plus a copy of the weights while a row is scored)"])
 
