@@ -8,11 +8,14 @@ directions already in its span); every later step's gradient is projected off it
 
     g~ = g - sum_i <g, u_i> u_i,
 
-in after_backward, before clipping and the step. The directions are the loss gradients
-of up to `max_memories` single training examples of the task (a seeded sample), over
-the trained parameters: with model.adapter=lora only the LoRA factors (and a classifier
-head) train, which is what TRACE projects. They are taken in eval mode (no dropout), one
-example at a time, on every process: every rank builds the same basis with no collective.
+in after_backward, before clipping and the step. The directions come from up to
+`max_memories` single training examples of the task (a seeded sample), over the trained
+parameters: `variant: paper` takes the gradient of the model's output at the true answer
+(the paper's OGD-GTL: the ground-truth logit; summed over the answer tokens of an LM),
+`variant: trace` the gradient of the example's loss (TRACE's objective). With
+model.adapter=lora only the LoRA factors (and a classifier head) train, which is what
+TRACE projects. The gradients are taken in eval mode (no dropout), one example at a time,
+on every process: every rank builds the same basis with no collective.
 
 The basis is N x P fp32 (N <= max_memories per past task, P trained parameters), on the
 parameters' device and in the checkpoint; a run whose basis could outgrow `max_basis_gb`
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 
-from cl_runner.errors import ConfigError, require
+from cl_runner.errors import ConfigError, require, require_choice
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
 from cl_runner.strategies.memory import FP32, GIB, PlanInputs, StrategyEstimate, count, gib
 from cl_runner.strategies.parts.episodic_memory import draw
@@ -35,9 +39,15 @@ from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
 
 
+VARIANTS = ("paper", "trace")
+IGNORE = -100
+
+
 @dataclass
 class OGDConfig:
     name: str = "ogd"
+    # paper (gradient of the ground-truth logit, OGD-GTL) | trace (gradient of the loss, TRACE)
+    variant: str = "paper"
     # Gradient directions stored per task (TRACE model/Regular/OGD.py: OGD(max_memories=150)).
     max_memories: int = 150
     # Refuse a run whose basis (4 bytes x max_memories x (tasks - 1) x trained parameters)
@@ -48,6 +58,21 @@ class OGDConfig:
     residual_tol: float = 1.0e-4
     # Keep AdamW's state across tasks instead of a fresh optimizer per task.
     carry_optimizer: bool = False
+
+
+def ground_truth_logit(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The model's logit of the true answer, summed over the batch: the true class of a
+    classifier; for an LM the true token's logit at every answer position (causal: logits
+    at i predict token i+1; seq2seq: decoder position j predicts label j)."""
+    labels = batch["labels"]
+    if kind == "classifier":
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_mask")}
+        return model(**inputs).logits.gather(1, labels[:, None]).sum()
+    logits = model(**batch).logits  # labels in: seq2seq builds its decoder inputs from them
+    if kind == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    return logits[mask].gather(-1, labels[mask][:, None]).sum()
 
 
 def basis_bytes(trainable: int, max_memories: int, n_tasks: int) -> int:
@@ -70,6 +95,7 @@ class OrthogonalGradientDescent(Strategy):
 
     def __init__(self, config: OGDConfig) -> None:
         super().__init__(config)
+        require_choice(config.variant, "strategy.variant", VARIANTS)
         require(config.max_memories >= 1, "strategy.max_memories", config.max_memories,
                 "use a positive count (TRACE: 150)")
         require(config.max_basis_gb > 0, "strategy.max_basis_gb", config.max_basis_gb, "use a size in GiB > 0")
@@ -111,8 +137,11 @@ class OrthogonalGradientDescent(Strategy):
         self.blocks.append(block.to(self.layout.device))
 
     def example_gradients(self, examples: list[Example]) -> Iterator[torch.Tensor]:
+        kind = self.ctx.model_kind
+        objective = (lambda model, batch: ground_truth_logit(model, batch, kind)) if self.config.variant == "paper" \
+            else None  # None: the loss
         for example in examples:
-            yield loss_gradient(self.ctx, self.layout, [example], 1)
+            yield loss_gradient(self.ctx, self.layout, [example], 1, objective)
 
     def state_dict(self) -> dict[str, Any]:
         return {"blocks": list(self.blocks), "projected_steps": self.projected_steps}
@@ -125,4 +154,4 @@ class OrthogonalGradientDescent(Strategy):
         return tensor_bytes(self.blocks)
 
     def report(self) -> dict[str, Any]:
-        return {"basis_directions": [int(B.shape[0]) for B in self.blocks], "projected_steps": self.projected_steps}
+        return {"variant": self.config.variant, "basis_directions": [int(B.shape[0]) for B in self.blocks], "projected_steps": self.projected_steps}

@@ -6,7 +6,7 @@ parameters' `.grad` tensors become such a vector and where a projected vector go
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,15 +64,18 @@ def loss_scale(accelerator) -> float:
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
 
-def loss_gradient(ctx, layout: GradientLayout, examples: list[Example], chunk_size: int) -> torch.Tensor:
+def loss_gradient(ctx, layout: GradientLayout, examples: list[Example], chunk_size: int,
+                  objective: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> torch.Tensor:
     """Flat fp32 gradient of the mean loss over `examples` (chunks weighted by their size),
     taken with torch.autograd.grad so no parameter's accumulated .grad is touched.
+    `objective(model, batch)` replaces the loss (OGD's ground-truth logit).
 
     The model runs in eval mode (no dropout) on the unwrapped module (no DDP hooks): every
     process computes the same vector from the same examples, so the projected gradients,
     and the replicas, stay identical."""
     if not examples:
         return torch.zeros(layout.numel, dtype=torch.float32, device=layout.device)
+    objective = objective or ctx.loss_fn
     model = ctx.unwrapped_model
     was_training = model.training
     model.eval()
@@ -82,7 +85,7 @@ def loss_gradient(ctx, layout: GradientLayout, examples: list[Example], chunk_si
             part = examples[start:start + chunk_size]
             batch = ctx.collate(part)
             with ctx.accelerator.autocast():
-                loss = ctx.loss_fn(model, batch) * (len(part) / len(examples))
+                loss = objective(model, batch) * (len(part) / len(examples))
             grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
             for acc, g in zip(layout.slices(total), grads):
                 if g is not None:
