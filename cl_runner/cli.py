@@ -137,9 +137,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from cl_runner.config.override_check import misspelt_key_message
+    from cl_runner.config.override_check import misspelt_key_message, unknown_option_message
 
-    typo = misspelt_key_message(PACKAGE_CONFIGS, sys.argv[1:])
+    # Before Hydra: an unknown group option (Hydra's dump, or for the optional experiment
+    # group a silent default run) and a misspelt key each get one line.
+    typo = (unknown_option_message([Path.cwd() / "configs", PACKAGE_CONFIGS], sys.argv[1:])
+            or misspelt_key_message(PACKAGE_CONFIGS, sys.argv[1:]))
     if typo:
         print(f"cl-run: config error: {typo}", file=sys.stderr)
         sys.exit(2)
