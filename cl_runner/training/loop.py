@@ -23,6 +23,7 @@ from cl_runner.checkpoints.adapter import load_model_state
 from cl_runner.training.anneal import optimizer_copy, prepared_alone
 from cl_runner.models.batching import compute_loss
 from cl_runner.checkpoints.files import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
+from cl_runner.errors import ConfigError, bad_value
 from cl_runner.evaluation.predict import generation_budget, predict
 from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.strategies import StrategyContext, StrategyStack
@@ -78,6 +79,64 @@ def shuffled_stream(examples: list[Example], seed: int, t: int) -> Iterator[Exam
         yield examples[i]
 
 
+# trainer.epochs may be exceeded by this fraction (the last optimizer step rounded up to
+# whole grad_accum micro-batches) before the run says so.
+EPOCH_SLACK = 0.1
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """trainer.epochs over a task's examples as optimizer steps: the epochs make
+    `micro_batches` global batches, and each step takes grad_accum of them, the last one
+    rounded up, so the data is passed over `passes` times rather than `epochs`."""
+
+    epochs: float
+    examples: int
+    global_batch: int
+    accum: int
+
+    @property
+    def micro_batches(self) -> int:
+        return math.ceil(self.epochs * self.examples / self.global_batch)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.micro_batches / self.accum)
+
+    @property
+    def passes(self) -> float:
+        return self.steps * self.accum * self.global_batch / self.examples
+
+    @property
+    def unreachable(self) -> bool:
+        """One optimizer step already takes more micro-batches than the epochs make: no
+        step count honours trainer.epochs."""
+        return self.micro_batches < self.accum
+
+    @property
+    def overshoots(self) -> bool:
+        return self.passes > self.epochs * (1 + EPOCH_SLACK)
+
+
+def check_epoch_plan(plan: EpochPlan, task_name: str, trainer: Any, world: int) -> Optional[str]:
+    """Raises ConfigError when trainer.epochs cannot be honoured at all on this task;
+    returns a warning line when it is exceeded by more than EPOCH_SLACK, else None."""
+    batch = f"a global batch of {plan.global_batch} (trainer.batch_size={trainer.batch_size} x {world} process(es))"
+    if plan.unreachable:
+        raise ConfigError(bad_value(
+            "trainer.grad_accum", plan.accum,
+            f"task '{task_name}' has {plan.examples} training examples: trainer.epochs={plan.epochs:g} at {batch} "
+            f"makes {plan.micro_batches} micro-batch(es), but one optimizer step takes {plan.accum}, which is "
+            f"{plan.passes:.2f} passes over the data; use trainer.grad_accum<={plan.micro_batches}, a smaller "
+            "trainer.batch_size, or a fixed trainer.steps_per_task"))
+    if not plan.overshoots:
+        return None
+    return (f"[cl-run] warning: task '{task_name}': trainer.epochs={plan.epochs:g} over {plan.examples} training examples "
+            f"at {batch} makes {plan.micro_batches} micro-batches, rounded up to {plan.steps} optimizer step(s) of "
+            f"trainer.grad_accum={plan.accum}: {plan.steps * plan.accum} micro-batches, {plan.passes:.2f} passes over "
+            f"the data instead of {plan.epochs:g}")
+
+
 def plan_task(t: int, task: Task, strategy: StrategyStack, trainer: Any, world: int, seed: int) -> TaskPlan:
     """Task t's micro-batches and optimizer steps: the strategy's examples (multitask's
     union), the trainer's step count or epochs over the global batch (trainer.batch_size
@@ -90,7 +149,7 @@ def plan_task(t: int, task: Task, strategy: StrategyStack, trainer: Any, world: 
     if trainer.steps_per_task:
         steps = int(trainer.steps_per_task)
     else:
-        steps = math.ceil(math.ceil(epochs_for(trainer, t) * len(examples) / global_batch) / accum)
+        steps = EpochPlan(epochs_for(trainer, t), len(examples), global_batch, accum).steps
     steps = strategy.num_train_steps(t, steps)
     source = shuffled_stream(examples, seed, t)
     raw = ([next(source) for _ in range(global_batch)] for _ in range(steps * accum))
@@ -147,6 +206,7 @@ class ContinualLoop:
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
             anneal=self.anneal)
         self.strategy.setup(self.strategy_ctx)
+        self._check_epoch_plans()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         T = len(self.stream)
@@ -197,6 +257,23 @@ class ContinualLoop:
                       file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ training
+    def _check_epoch_plans(self) -> None:
+        """trainer.epochs against trainer.grad_accum on the examples each task trains on
+        (the strategy's: multitask's union), before anything trains: refused when no
+        step count honours the epochs, one warning line per task that overshoots them."""
+        if self.trainer.steps_per_task:
+            return
+        world = self.accelerator.num_processes
+        for t, task in enumerate(self.stream):
+            examples = self.strategy.train_examples(t, task, task.train)
+            if not examples:
+                continue
+            plan = EpochPlan(epochs_for(self.trainer, t), len(examples), self.trainer.batch_size * world,
+                             self.trainer.grad_accum)
+            warning = check_epoch_plan(plan, task.name, self.trainer, world)
+            if warning and self.is_main:
+                print(warning, file=sys.stderr, flush=True)
+
     def plan_task(self, t: int, task: Task) -> TaskPlan:
         return plan_task(t, task, self.strategy, self.trainer, self.accelerator.num_processes, self.cfg.seed)
 
