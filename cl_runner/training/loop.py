@@ -27,6 +27,7 @@ from cl_runner.errors import ConfigError, bad_value
 from cl_runner.evaluation.predict import generation_budget, predict
 from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.strategies import StrategyContext, StrategyStack
+from cl_runner.training.progress import TaskProgress, on_terminal
 from cl_runner.training.run import RunContext
 from cl_runner.streams.task import Example, Task, TaskStream
 from cl_runner.reporting.tracking import write_item_scores, write_predictions
@@ -209,6 +210,14 @@ class ContinualLoop:
         self._check_epoch_plans()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        # When this session started (run.started: before the stream and model were built)
+        # and the run's wall time before it (restored with a checkpoint).
+        self.session_started = run.started
+        self.wall_before = 0.0
+        # What the loop is doing, for the line an interrupted run prints (`where`):
+        # ("before_task", t), ("train", t, steps done, steps), ("after_task", t), ("eval", row)
+        # or ("finish",).
+        self.activity: tuple = ("restore",)
         T = len(self.stream)
         self.progress = Progress(R=[[None] * T for _ in range(T + 1)],
                                  monitor=[[None] * len(self.monitor) for _ in range(T + 1)] if self.monitor else [])
@@ -223,6 +232,8 @@ class ContinualLoop:
         restored = self._restore() if resume else None
         if restored is not None:
             self.progress = restored.progress
+            self.progress.sessions += 1
+            self.wall_before = self.progress.wall_seconds
         if self.is_main:
             self._warn_cut_prompts()
         if not self._row_filled(0):
@@ -234,12 +245,37 @@ class ContinualLoop:
             # scheduler; at a boundary with carry_optimizer: the optimizer's moments).
             continuing = restored if restored is not None and t == start else None
             self._train_task(t, task, continuing)
+            self.activity = ("after_task", t)
             self.strategy.after_task(t, task)
             with self.strategy.evaluation_weights(t):
                 self._evaluate_row(t + 1)
             self.progress.task, self.progress.step, self.progress.task_done = t, 0, True
             self._checkpoint()
+        self.activity = ("finish",)
         return self.progress
+
+    def where(self) -> str:
+        """Where the run is, in words: `step 37/200 of task 2/3 'decrement'`."""
+        kind, *at = self.activity
+        T = len(self.stream)
+        if kind == "train":
+            t, step, steps = at
+            return f"step {step}/{steps} of task {t + 1}/{T} '{self.stream[t].name}'"
+        if kind == "before_task":
+            return f"the start of task {at[0] + 1}/{T} '{self.stream[at[0]].name}' (before its first step)"
+        if kind == "after_task":
+            return f"the strategy's end-of-task step after task {at[0] + 1}/{T} '{self.stream[at[0]].name}'"
+        if kind == "eval":
+            row = at[0]
+            return "the evaluation before training" if row == 0 else \
+                f"the evaluation after task {row}/{T} '{self.stream[row - 1].name}'"
+        if kind == "finish":
+            return "writing the results"
+        return "the start of the run"
+
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: earlier sessions' (to their last checkpoint) + this one's."""
+        return self.wall_before + time.perf_counter() - self.session_started
 
     def _warn_cut_prompts(self) -> None:
         """One line per task whose prompts do not fit model.max_length (with the answer in
@@ -291,8 +327,16 @@ class ContinualLoop:
         custom = self.strategy.lr_lambda(t, steps)
         return custom if custom is not None else trainer_lr_factor(self.trainer, steps)
 
+    def _count_train_time(self, t: int, since: float) -> float:
+        """Adds the time since `since` to task t's and the run's training time; returns now."""
+        now = time.perf_counter()
+        self.progress.train_seconds += now - since
+        self._task_seconds(t)["train"] = self._task_seconds(t).get("train", 0.0) + now - since
+        return now
+
     def _train_task(self, t: int, task: Task, restored: Optional[ResumeState] = None) -> None:
-        started = time.perf_counter()
+        started = clock = time.perf_counter()
+        self.activity = ("before_task", t)
         mid_task = restored is not None and restored.mid_task
         if not mid_task:
             self.strategy.before_task(t, task)
@@ -313,8 +357,9 @@ class ContinualLoop:
             self._load_optimizer_state(restored.optimizer)
         optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False)
         self.model.train()
-        bar = tqdm(total=plan.steps, initial=first_step, desc=f"task {t + 1}/{len(self.stream)} {task.name}",
-                   disable=not (self.is_main and self.trainer.progress_bar), leave=False, dynamic_ncols=True)
+        self.activity = ("train", t, first_step, plan.steps)
+        shown = TaskProgress(f"task {t + 1}/{len(self.stream)} {task.name}", plan.steps, first_step,
+                             enabled=self.is_main and self.trainer.progress_bar)
         accum = self.trainer.grad_accum
         running = 0.0
         for step in range(first_step, plan.steps):
@@ -324,7 +369,7 @@ class ContinualLoop:
             if not math.isfinite(loss_value):
                 # Nothing after this point is saved: the last checkpoint stays the run's
                 # last good state. Every rank sees the same (reduced) loss and stops.
-                bar.close()
+                shown.close()
                 raise TrainingDivergedError(
                     f"training loss is {loss_value} at step {step + 1} of task {t + 1}/{len(self.stream)} "
                     f"'{task.name}' (optimizer step {self.progress.global_step + 1} of the run); the run stops here, "
@@ -332,22 +377,21 @@ class ContinualLoop:
                     f"trainer.lr (this one: {self.trainer.lr:g}) or with trainer.max_grad_norm set")
             self.progress.step = step + 1
             self.progress.global_step += 1
+            self.activity = ("train", t, step + 1, plan.steps)
             self.progress.train_tokens += tokens
             running = loss_value if step == first_step else 0.9 * running + 0.1 * loss_value
             self._record_loss(t, step + 1, plan.steps, loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}")
+            shown.update(step + 1, running, tokens)
             if self.progress.global_step % self.trainer.log_every_steps == 0:
                 self.tracker.log_train(self.progress.global_step, {
                     "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "task": t + 1})
             every = self.trainer.checkpoint_every_steps
             if every and self.progress.step % every == 0 and self.progress.step < plan.steps:
                 self.progress.task, self.progress.task_done = t, False
+                clock = self._count_train_time(t, clock)  # the checkpoint holds the training time so far
                 self._checkpoint()
-        bar.close()
-        elapsed = time.perf_counter() - started
-        self.progress.train_seconds += elapsed
-        self._task_seconds(t)["train"] = self._task_seconds(t).get("train", 0.0) + elapsed
+        shown.close()
+        elapsed = self._count_train_time(t, clock) - started
         if self.is_main and plan.steps:
             print(f"[cl-run] task {t + 1}/{len(self.stream)} {task.name}: {plan.steps} steps in {elapsed:.1f}s, "
                   f"final loss {running:.4f}", flush=True)
@@ -458,12 +502,14 @@ class ContinualLoop:
     def _evaluate_row(self, tasks_learned: int) -> None:
         """Score every task; fills row `tasks_learned` of R (and of the monitor scores)."""
         started = time.perf_counter()
+        self.activity = ("eval", tasks_learned)
         self.progress.R[tasks_learned] = self._score_tasks(self.stream.tasks, tasks_learned, "task")
         if self.monitor:
             while len(self.progress.monitor) <= tasks_learned:  # a checkpoint from before monitors
                 self.progress.monitor.append([None] * len(self.monitor))
             self.progress.monitor[tasks_learned] = self._score_tasks(self.monitor, tasks_learned, "monitor")
         elapsed = time.perf_counter() - started
+        self.progress.eval_seconds += elapsed
         if tasks_learned > 0:
             self._task_seconds(tasks_learned - 1)["eval"] = elapsed
         self._log_row(tasks_learned)
@@ -478,7 +524,7 @@ class ContinualLoop:
         row: list[Optional[float]] = []
         what = "monitor" if kind == "monitor" else "eval"
         bar = tqdm(tasks, desc=f"{what} after {tasks_learned} task(s)", leave=False,
-                   disable=not (self.is_main and self.trainer.progress_bar))
+                   disable=not (self.is_main and self.trainer.progress_bar and on_terminal()))
         for j, task in enumerate(bar):
             shard = task.test[rank::world]
             size = len(shard)
@@ -530,6 +576,7 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
+        self.progress.wall_seconds = self.wall_seconds()
         if self.sharded:
             from cl_runner.checkpoints.sharded import save_sharded_checkpoint
 
