@@ -103,14 +103,14 @@ def interrupted_line(run_dir: Optional[Path], where: str) -> str:
     from cl_runner.checkpoints.files import resume_point
 
     if run_dir is None:
-        return f"interrupted at {where}, before training started; nothing was kept (the new run folder is removed)"
+        return f"interrupted {where}, before training started; nothing was kept (the new run folder is removed)"
     if (run_dir / METRICS_FILE).is_file():
-        return f"interrupted at {where}, after the run had finished; its results are in {run_dir}"
+        return f"interrupted {where}, after the run had finished; its results are in {run_dir}"
     point = resume_point(run_dir / "checkpoints")
     if point is None:
-        return (f"interrupted at {where}; no checkpoint was saved yet, so cl-run resume={run_dir} starts the run "
+        return (f"interrupted {where}; no checkpoint was saved yet, so cl-run resume={run_dir} starts the run "
                 "again from its beginning (trainer.checkpoint_every_steps=N saves within tasks)")
-    return f"interrupted at {where}; cl-run resume={run_dir} continues from {point}"
+    return f"interrupted {where}; cl-run resume={run_dir} continues from {point}"
 
 
 def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         run = build_run(cfg, strategy, resuming)  # undoes what it made when interrupted
     except KeyboardInterrupt:
         kept = Path(cfg.resume) if resuming else None
-        raise RunInterrupted(interrupted_line(kept, "the building of the run (model, data)")) from None
+        raise RunInterrupted(interrupted_line(kept, "while the run was being built (model, data)")) from None
     ok = trained = False
     loop = None
     try:
@@ -154,7 +154,7 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
     except KeyboardInterrupt:
         # The run stays resumable: checkpoints are written atomically, and run.close()
         # below keeps the folder of a run that started training.
-        where = loop.where() if loop is not None else "the start of the loop"
+        where = loop.where() if loop is not None else "while the run was being set up"
         kept = run.run_dir if trained or resuming else None
         raise RunInterrupted(interrupted_line(kept, where)) from None
     finally:

@@ -255,23 +255,23 @@ class ContinualLoop:
         return self.progress
 
     def where(self) -> str:
-        """Where the run is, in words: `step 37/200 of task 2/3 'decrement'`."""
+        """Where the run is, in words: `at step 37/200 of task 2/3 'decrement'` (steps done)."""
         kind, *at = self.activity
         T = len(self.stream)
         if kind == "train":
             t, step, steps = at
-            return f"step {step}/{steps} of task {t + 1}/{T} '{self.stream[t].name}'"
+            return f"at step {step}/{steps} of task {t + 1}/{T} '{self.stream[t].name}'"
         if kind == "before_task":
-            return f"the start of task {at[0] + 1}/{T} '{self.stream[at[0]].name}' (before its first step)"
+            return f"at the start of task {at[0] + 1}/{T} '{self.stream[at[0]].name}' (before its first step)"
         if kind == "after_task":
-            return f"the strategy's end-of-task step after task {at[0] + 1}/{T} '{self.stream[at[0]].name}'"
+            return f"in the strategy's end-of-task step after task {at[0] + 1}/{T} '{self.stream[at[0]].name}'"
         if kind == "eval":
             row = at[0]
-            return "the evaluation before training" if row == 0 else \
-                f"the evaluation after task {row}/{T} '{self.stream[row - 1].name}'"
+            return "in the evaluation before training" if row == 0 else \
+                f"in the evaluation after task {row}/{T} '{self.stream[row - 1].name}'"
         if kind == "finish":
-            return "writing the results"
-        return "the start of the run"
+            return "while writing the results"
+        return "at the start of the run (restoring its checkpoint)"
 
     def wall_seconds(self) -> float:
         """The run's wall time so far: earlier sessions' (to their last checkpoint) + this one's."""

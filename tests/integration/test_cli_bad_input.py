@@ -123,7 +123,7 @@ def test_ctrl_c_while_the_run_is_built_keeps_nothing(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(run_module, "build_model", interrupted)
     code, _, err = cl_main(TINY, tmp_path, monkeypatch, capsys)
-    assert_one_line_error(code, err, "interrupted at the building of the run", "nothing was kept", exit_code=130,
+    assert_one_line_error(code, err, "interrupted while the run was being built", "nothing was kept", exit_code=130,
                           prefix="cl-run: interrupted")
     assert no_run_folder(tmp_path)
 

@@ -273,3 +273,27 @@ def test_the_cost_of_a_resumed_run_is_its_total_over_sessions():
     assert format_cost({**metrics, "sessions": 1}) == "cost: 1m15s (train 1m00s, eval 6.0s)"
     old = {k: v for k, v in metrics.items() if k not in ("eval_time_s", "sessions")}  # a metrics.json from before
     assert format_cost(old) == "cost: 1m15s (train 1m00s, eval 5.5s)"
+
+
+def test_the_interrupted_line_says_where_and_what_a_resume_does(tmp_path):
+    from cl_runner.cli import interrupted_line
+    from cl_runner.streams.task import Example, Task
+    from cl_runner.training.loop import ContinualLoop
+
+    tasks = [Task(name, [], [Example("p", "a")]) for name in ("copy", "sort")]
+    where = lambda *activity: ContinualLoop.where(SimpleNamespace(activity=activity, stream=tasks))  # noqa: E731
+    assert where("train", 1, 37, 200) == "at step 37/200 of task 2/2 'sort'"
+    assert where("eval", 0) == "in the evaluation before training"
+    assert where("eval", 2) == "in the evaluation after task 2/2 'sort'"
+    assert where("after_task", 0) == "in the strategy's end-of-task step after task 1/2 'copy'"
+
+    run = tmp_path / "run"
+    assert interrupted_line(None, "while the run was being built (model, data)") == (
+        "interrupted while the run was being built (model, data), before training started; nothing was kept "
+        "(the new run folder is removed)")
+    (run / "checkpoints").mkdir(parents=True)
+    assert f"no checkpoint was saved yet, so cl-run resume={run} starts the run again" in interrupted_line(run, "x")
+    (run / "checkpoints" / "task000_done.pt").write_bytes(b"")
+    assert interrupted_line(run, "in the evaluation after task 1/2 'copy'") == (
+        f"interrupted in the evaluation after task 1/2 'copy'; cl-run resume={run} continues from "
+        "checkpoints/task000_done.pt (end of task 1)")
