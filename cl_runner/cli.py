@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,6 +93,26 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / METRICS_FILE).read_text())
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run, after the run was closed; the message says where it
+    stopped and what `cl-run resume=` continues from."""
+
+
+def interrupted_line(run_dir: Optional[Path], where: str) -> str:
+    """Where an interrupted run stopped, and how to continue it (run_dir None: nothing kept)."""
+    from cl_runner.checkpoints.files import resume_point
+
+    if run_dir is None:
+        return f"interrupted {where}, before training started; nothing was kept (the new run folder is removed)"
+    if (run_dir / METRICS_FILE).is_file():
+        return f"interrupted {where}, after the run had finished; its results are in {run_dir}"
+    point = resume_point(run_dir / "checkpoints")
+    if point is None:
+        return (f"interrupted {where}; no checkpoint was saved yet, so cl-run resume={run_dir} starts the run "
+                "again from its beginning (trainer.checkpoint_every_steps=N saves within tasks)")
+    return f"interrupted {where}; cl-run resume={run_dir} continues from {point}"
+
+
 def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """One run from a composed config (`overrides`: the command line's, checked on
     resume); returns its metrics. Every check that needs nothing built runs first (the
@@ -118,15 +137,26 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
     from cl_runner.training.run import build_run
 
     configure_ops(cfg.ops)
-    run = build_run(cfg, strategy, resuming)
+    try:
+        run = build_run(cfg, strategy, resuming)  # undoes what it made when interrupted
+    except KeyboardInterrupt:
+        kept = Path(cfg.resume) if resuming else None
+        raise RunInterrupted(interrupted_line(kept, "while the run was being built (model, data)")) from None
     ok = trained = False
+    loop = None
     try:
         loop = ContinualLoop(run)
         trained = True
         progress = loop.run(resume=resuming)
-        metrics = finish_run(run, progress, time.perf_counter() - run.started)
+        metrics = finish_run(run, progress, loop.wall_seconds())
         ok = True
         return metrics
+    except KeyboardInterrupt:
+        # The run stays resumable: checkpoints are written atomically, and run.close()
+        # below keeps the folder of a run that started training.
+        where = loop.where() if loop is not None else "while the run was being set up"
+        kept = run.run_dir if trained or resuming else None
+        raise RunInterrupted(interrupted_line(kept, where)) from None
     finally:
         run.close(ok, trained)
 
@@ -137,9 +167,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from cl_runner.config.override_check import misspelt_key_message
+    try:
+        compose_and_run()
+    except KeyboardInterrupt:  # before a run was built (checking, composing, validating): nothing made
+        print("cl-run: interrupted before the run was built; nothing of it was written", file=sys.stderr, flush=True)
+        sys.exit(130)
 
-    typo = misspelt_key_message(PACKAGE_CONFIGS, sys.argv[1:])
+
+def compose_and_run() -> None:
+    """The command line checked, composed by Hydra (one run, or a sweep with -m) and run;
+    each failure a run can meet ends in one line and its exit code."""
+    from cl_runner.config.override_check import misspelt_key_message, unknown_option_message
+
+    # Before Hydra: an unknown group option (Hydra's dump, or for the optional experiment
+    # group a silent default run) and a misspelt key each get one line.
+    typo = (unknown_option_message([Path.cwd() / "configs", PACKAGE_CONFIGS], sys.argv[1:])
+            or misspelt_key_message(PACKAGE_CONFIGS, sys.argv[1:]))
     if typo:
         print(f"cl-run: config error: {typo}", file=sys.stderr)
         sys.exit(2)
@@ -164,6 +207,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             # line, no traceback.
             print(f"cl-run: error: {err}", file=sys.stderr)
             sys.exit(2)
+        except RunInterrupted as stop:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"cl-run: {stop}", file=sys.stderr, flush=True)
+            sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
         except RuntimeError as err:
             from cl_runner.training.loop import TrainingDivergedError
 

@@ -24,6 +24,22 @@ try:
 except ImportError:
     pass
 
+# transformers' logger gets its handler on first use, bound to the sys.stderr of that
+# moment: inside a test that takes capsys (cl-run in-process) that stream is closed when the
+# test ends, and every later transformers warning prints a "Logging error" traceback into
+# the next test's stderr. Bind it to the real stderr, whichever test imports it first.
+try:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+    for _handler in logging.getLogger("transformers").handlers:
+        if isinstance(_handler, logging.StreamHandler):
+            _handler.setStream(sys.__stderr__)
+except ImportError:
+    pass
+
 from tests.helpers import CL_BENCHMARK, run_cl, shared_run  # noqa: E402
 
 

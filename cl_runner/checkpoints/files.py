@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,9 +35,16 @@ class Progress:
     step: int = 0
     task_done: bool = False
     R: list[list[Optional[float]]] = field(default_factory=list)
-    task_seconds: list[dict[str, float]] = field(default_factory=list)
+    # Time and work are the run's totals over every session (cl-run process) that worked
+    # on it, each counted up to that session's last checkpoint: a session's work after its
+    # last checkpoint is lost and redone by the next, and counts once, as redone. So
+    # train_seconds + eval_seconds <= wall_seconds across any number of resumes.
+    task_seconds: list[dict[str, float]] = field(default_factory=list)  # per task: train, eval (its row of R)
     train_tokens: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # every row of R, "before training" included, and the monitor tasks
+    wall_seconds: float = 0.0  # from building the run to now (saved with each checkpoint)
+    sessions: int = 1  # cl-run processes whose work is in this record: 1 + the resumes
     global_step: int = 0
     # Per task, [step, loss] at up to ~50 evenly spaced steps: where each task's loss
     # reached its floor (metrics.json `train_loss_curves`).
@@ -115,8 +123,12 @@ def save_checkpoint(folder: Path, progress: Progress, model_state: dict, optimiz
         payload["model_scope"] = model_scope
     path = folder / checkpoint_name(progress)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-save: the previous checkpoint stays, no stray file
+        tmp.unlink(missing_ok=True)
+        raise
     prune_checkpoints(folder, keep, path)
     return path
 
@@ -134,6 +146,22 @@ def prune_checkpoints(folder: Path, keep: int, newest: Path, pattern: str = "tas
     for old in existing[:-keep] if keep > 0 else []:
         if old != newest:
             remove(old)
+
+
+_CHECKPOINT_NAME = re.compile(r"^task(\d+)_(done|\d+)\.(pt|dcp)$")
+
+
+def resume_point(folder: Path) -> Optional[str]:
+    """The newest checkpoint in `folder` (a file, or a sharded run's folder) and where in
+    the stream it is, in words, e.g. `checkpoints/task001_0000030.pt (step 30 of task 2)`;
+    None when there is none. Read from the names alone: nothing is loaded."""
+    found = sorted(p for p in folder.glob("task*") if _CHECKPOINT_NAME.match(p.name)) if folder.is_dir() else []
+    if not found:
+        return None
+    newest = found[-1]
+    task, step, _ = _CHECKPOINT_NAME.match(newest.name).groups()
+    where = f"end of task {int(task) + 1}" if step == "done" else f"step {int(step)} of task {int(task) + 1}"
+    return f"{folder.name}/{newest.name} ({where})"
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:

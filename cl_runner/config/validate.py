@@ -106,6 +106,10 @@ def _check_ranges(cfg: DictConfig) -> None:
     for k in ("max_train_per_task", "max_test_per_task"):
         v = ts[k]
         _check(v is None or v >= 1, f"task_stream.{k}", v, "use a positive integer or null for all")
+    if ts.kind == "synthetic":
+        _check(ts.test_size >= 1, "task_stream.test_size", ts.test_size,
+               "each task is scored on its test split, so it needs at least 1 example; use a positive integer")
+        _check(ts.train_size >= 0, "task_stream.train_size", ts.train_size, "use 0 or a positive integer")
     if ts.kind in ("trace", "olora"):
         _check(bool(ts.data_dir), "task_stream.data_dir", ts.data_dir,
                f"set task_stream.data_dir=/path/to/{'TRACE root (one folder per task)' if ts.kind == 'trace' else 'CL_Benchmark root (<TaskType>/<Dataset>/...)'}")
@@ -246,7 +250,8 @@ def check_run_shape(cfg: DictConfig) -> None:
         names = planned_task_names(cfg.task_stream)
     except ValueError as err:
         message = str(err)
-        raise ConfigError(message if message.startswith("task_stream.") else f"task_stream.tasks: {message}") from None
+        key = "task_stream.tasks" if cfg.task_stream.kind == "custom" else "task_stream.order"
+        raise ConfigError(message if message.startswith("task_stream.") else f"{key}: {message}") from None
     check_monitor(cfg)
     if names is None:
         return

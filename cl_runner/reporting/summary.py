@@ -80,14 +80,21 @@ def format_monitor(monitor: list[list[Any]], names: list[str], R_names: list[str
 
 def format_cost(metrics: dict[str, Any]) -> str:
     """What the run cost, on one line: time (train / eval), throughput, peak memory and the
-    strategy's own state, e.g. `cost: 28.4s (train 26.4s, eval 0.2s)  1.2 GiB peak  ...`."""
+    strategy's own state, e.g. `cost: 28.4s (train 26.4s, eval 0.2s)  1.2 GiB peak  ...`.
+    The times are the run's totals over every session that worked on it (`Progress`:
+    each counted to its last checkpoint), so train + eval never exceed the total; a
+    resumed run says over how many sessions. Peak memory is this session's."""
     from cl_runner.reporting.formatting import format_bytes, format_duration
 
     parts = []
     if metrics.get("wall_time_s") is not None:
-        evals = sum(t.get("eval", 0.0) for t in metrics.get("task_time_s") or [])
-        parts.append(f"{format_duration(metrics['wall_time_s'])} (train {format_duration(metrics.get('train_time_s'))}, "
-                     f"eval {format_duration(evals)})")
+        evals = metrics.get("eval_time_s")
+        if evals is None:  # metrics.json from before eval_time_s: the rows after each task
+            evals = sum(t.get("eval", 0.0) for t in metrics.get("task_time_s") or [])
+        sessions = metrics.get("sessions") or 1
+        over = f" over {sessions} sessions" if sessions > 1 else ""
+        parts.append(f"{format_duration(metrics['wall_time_s'])}{over} (train "
+                     f"{format_duration(metrics.get('train_time_s'))}, eval {format_duration(evals)})")
     if metrics.get("train_tokens_per_s"):
         parts.append(f"{metrics['train_tokens_per_s']:,.0f} train tokens/s")
     if metrics.get("peak_memory_bytes"):
@@ -131,8 +138,11 @@ def finish_run(run: RunContext, progress: Progress, wall_time_s: float) -> dict[
     metrics.update(summarize(progress.R, names))
     tokens_per_s = progress.train_tokens / progress.train_seconds if progress.train_seconds else None
     metrics.update({
+        # The run's totals over its sessions (cl-run processes), each to its last checkpoint.
         "wall_time_s": wall_time_s,
         "train_time_s": progress.train_seconds,
+        "eval_time_s": progress.eval_seconds,
+        "sessions": progress.sessions,
         "task_time_s": progress.task_seconds,
         "train_tokens": progress.train_tokens,
         "train_tokens_per_s": tokens_per_s,

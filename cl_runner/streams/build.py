@@ -26,6 +26,8 @@ def planned_task_names(cfg: Any) -> Optional[list[str]]:
             return _resolve_order(cfg.order)
         raise ValueError(named_order_error(cfg.order))
     order = [str(name) for name in cfg.order]
+    if order:
+        check_registry_names(order, cfg.kind)
     if cfg.kind == "synthetic":
         from cl_runner.streams.synthetic import DEFAULT_ORDER
 
@@ -41,6 +43,24 @@ def planned_task_names(cfg: Any) -> Optional[list[str]]:
 
         return [entry["name"] for entry in check_entries(list(cfg.tasks))]
     return None
+
+
+def check_registry_names(names: list[str], kind: str) -> None:
+    """Task names against the registry of the stream's format (synthetic rules, TRACE
+    tasks, O-LoRA datasets), before any data is read; ValueError names the first unknown
+    one without saying which key listed it (the caller's prefix does)."""
+    if kind == "synthetic":
+        from cl_runner.streams.synthetic import check_synthetic_names
+
+        check_synthetic_names(names)
+    elif kind == "trace":
+        from cl_runner.streams.trace import _resolve_order
+
+        _resolve_order(names)
+    elif kind == "olora":
+        from cl_runner.streams.olora import resolve_olora_order
+
+        resolve_olora_order(names)
 
 
 def build_stream(cfg: Any, model_kind: str, seed: int) -> TaskStream:
@@ -109,6 +129,8 @@ def planned_monitor_names(entries: Any, stream_cfg: Any) -> list[str]:
     if names and stream_cfg.kind == "custom":
         raise ValueError(f"evaluation.monitor names {names}, but a custom stream has no task registry to take them "
                          "from; give each monitor task as an entry (name, path, ...) like task_stream.tasks")
+    if names:
+        check_registry_names(names, stream_cfg.kind)
     if stream_cfg.kind == "olora":
         names = [n.lower() for n in names]
     all_names = names + [e["name"] for e in check_entries(custom)] if custom else names
@@ -135,7 +157,12 @@ def build_monitor(entries: Any, stream_cfg: Any, model_kind: str, seed: int, tra
     tasks = []
     if names:
         node = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(stream_cfg, resolve=True)), {"order": names})
-        tasks += build_stream(node, model_kind, seed).tasks
+        try:
+            tasks += build_stream(node, model_kind, seed).tasks
+        except ValueError as err:  # the loader names task_stream.order, but these came from evaluation.monitor
+            message = str(err).removeprefix("task_stream.order: ")
+            raise ValueError(message if message.startswith("evaluation.monitor") else
+                             f"evaluation.monitor: {message}") from None
     if custom:
         from cl_runner.streams.custom import load_custom
 

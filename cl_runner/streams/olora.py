@@ -176,7 +176,7 @@ def resolve_olora_order(order: str | Sequence[str]) -> list[str]:
     names = [str(n).lower() for n in order]
     for requested, name in zip(order, names):
         if name not in OLORA_DATASETS:
-            raise ValueError(f"unknown O-LoRA dataset '{requested}' in order; known datasets: {', '.join(OLORA_DATASETS)}")
+            raise ValueError(f"unknown O-LoRA dataset '{requested}'; known datasets: {', '.join(OLORA_DATASETS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"O-LoRA order lists a dataset twice: {names}")
     if not names:

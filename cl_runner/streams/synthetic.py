@@ -49,9 +49,23 @@ RULES: dict[str, tuple[Callable[[str, str], str], str, str]] = {
 DEFAULT_ORDER = ["increment", "decrement", "complement"]
 
 
+def check_synthetic_names(names: list[str]) -> None:
+    """ValueError naming the first name that is not a synthetic task (the caller says
+    which key listed it)."""
+    import difflib
+
+    for name in names:
+        if name not in RULES:
+            close = difflib.get_close_matches(name, list(RULES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown synthetic task '{name}'; choose from {', '.join(RULES)}{hint}")
+
+
 def synthetic_task(name: str, num_digits: int, train_size: int, test_size: int, seed: int) -> Task:
-    if name not in RULES:
-        raise ValueError(f"task_stream.order: unknown synthetic task '{name}'; choose from {', '.join(RULES)}")
+    try:
+        check_synthetic_names([name])
+    except ValueError as err:
+        raise ValueError(f"task_stream.order: {err}") from None
     rule, alphabet_name, prefix = RULES[name]
     alphabet = ALPHABETS[alphabet_name]
     # One generator per task, seeded by task name too, so reordering a stream keeps data.

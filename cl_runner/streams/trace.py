@@ -121,7 +121,7 @@ def _resolve_order(order: str | Sequence[str]) -> list[str]:
     for requested in order:
         name = by_lower.get(str(requested).lower())
         if name is None:
-            raise ValueError(f"unknown TRACE task '{requested}' in order; known tasks: {', '.join(TRACE_TASKS)}")
+            raise ValueError(f"unknown TRACE task '{requested}'; known tasks: {', '.join(TRACE_TASKS)}")
         names.append(name)
     if len(set(names)) != len(names):
         raise ValueError(f"TRACE order lists a task twice: {names}")

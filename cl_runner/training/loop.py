@@ -23,9 +23,11 @@ from cl_runner.checkpoints.adapter import load_model_state
 from cl_runner.training.anneal import optimizer_copy, prepared_alone
 from cl_runner.models.batching import compute_loss
 from cl_runner.checkpoints.files import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
+from cl_runner.errors import ConfigError, bad_value
 from cl_runner.evaluation.predict import generation_budget, predict
 from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.strategies import StrategyContext, StrategyStack
+from cl_runner.training.progress import TaskProgress, on_terminal
 from cl_runner.training.run import RunContext
 from cl_runner.streams.task import Example, Task, TaskStream
 from cl_runner.reporting.tracking import write_item_scores, write_predictions
@@ -78,6 +80,64 @@ def shuffled_stream(examples: list[Example], seed: int, t: int) -> Iterator[Exam
         yield examples[i]
 
 
+# trainer.epochs may be exceeded by this fraction (the last optimizer step rounded up to
+# whole grad_accum micro-batches) before the run says so.
+EPOCH_SLACK = 0.1
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """trainer.epochs over a task's examples as optimizer steps: the epochs make
+    `micro_batches` global batches, and each step takes grad_accum of them, the last one
+    rounded up, so the data is passed over `passes` times rather than `epochs`."""
+
+    epochs: float
+    examples: int
+    global_batch: int
+    accum: int
+
+    @property
+    def micro_batches(self) -> int:
+        return math.ceil(self.epochs * self.examples / self.global_batch)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.micro_batches / self.accum)
+
+    @property
+    def passes(self) -> float:
+        return self.steps * self.accum * self.global_batch / self.examples
+
+    @property
+    def unreachable(self) -> bool:
+        """One optimizer step already takes more micro-batches than the epochs make: no
+        step count honours trainer.epochs."""
+        return self.micro_batches < self.accum
+
+    @property
+    def overshoots(self) -> bool:
+        return self.passes > self.epochs * (1 + EPOCH_SLACK)
+
+
+def check_epoch_plan(plan: EpochPlan, task_name: str, trainer: Any, world: int) -> Optional[str]:
+    """Raises ConfigError when trainer.epochs cannot be honoured at all on this task;
+    returns a warning line when it is exceeded by more than EPOCH_SLACK, else None."""
+    batch = f"a global batch of {plan.global_batch} (trainer.batch_size={trainer.batch_size} x {world} process(es))"
+    if plan.unreachable:
+        raise ConfigError(bad_value(
+            "trainer.grad_accum", plan.accum,
+            f"task '{task_name}' has {plan.examples} training examples: trainer.epochs={plan.epochs:g} at {batch} "
+            f"makes {plan.micro_batches} micro-batch(es), but one optimizer step takes {plan.accum}, which is "
+            f"{plan.passes:.2f} passes over the data; use trainer.grad_accum<={plan.micro_batches}, a smaller "
+            "trainer.batch_size, or a fixed trainer.steps_per_task"))
+    if not plan.overshoots:
+        return None
+    return (f"[cl-run] warning: task '{task_name}': trainer.epochs={plan.epochs:g} over {plan.examples} training examples "
+            f"at {batch} makes {plan.micro_batches} micro-batches, rounded up to {plan.steps} optimizer step(s) of "
+            f"trainer.grad_accum={plan.accum}: {plan.steps * plan.accum} micro-batches, {plan.passes:.2f} passes over "
+            f"the data instead of {plan.epochs:g}")
+
+
 def plan_task(t: int, task: Task, strategy: StrategyStack, trainer: Any, world: int, seed: int) -> TaskPlan:
     """Task t's micro-batches and optimizer steps: the strategy's examples (multitask's
     union), the trainer's step count or epochs over the global batch (trainer.batch_size
@@ -90,7 +150,7 @@ def plan_task(t: int, task: Task, strategy: StrategyStack, trainer: Any, world: 
     if trainer.steps_per_task:
         steps = int(trainer.steps_per_task)
     else:
-        steps = math.ceil(math.ceil(epochs_for(trainer, t) * len(examples) / global_batch) / accum)
+        steps = EpochPlan(epochs_for(trainer, t), len(examples), global_batch, accum).steps
     steps = strategy.num_train_steps(t, steps)
     source = shuffled_stream(examples, seed, t)
     raw = ([next(source) for _ in range(global_batch)] for _ in range(steps * accum))
@@ -147,8 +207,17 @@ class ContinualLoop:
             log=lambda values: self.tracker.log_train(self.progress.global_step, values),
             anneal=self.anneal, run_dir=run.run_dir)
         self.strategy.setup(self.strategy_ctx)
+        self._check_epoch_plans()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        # When this session started (run.started: before the stream and model were built)
+        # and the run's wall time before it (restored with a checkpoint).
+        self.session_started = run.started
+        self.wall_before = 0.0
+        # What the loop is doing, for the line an interrupted run prints (`where`):
+        # ("before_task", t), ("train", t, steps done, steps), ("after_task", t), ("eval", row)
+        # or ("finish",).
+        self.activity: tuple = ("restore",)
         T = len(self.stream)
         self.progress = Progress(R=[[None] * T for _ in range(T + 1)],
                                  monitor=[[None] * len(self.monitor) for _ in range(T + 1)] if self.monitor else [])
@@ -163,6 +232,8 @@ class ContinualLoop:
         restored = self._restore() if resume else None
         if restored is not None:
             self.progress = restored.progress
+            self.progress.sessions += 1
+            self.wall_before = self.progress.wall_seconds
         if self.is_main:
             self._warn_cut_prompts()
         if not self._row_filled(0):
@@ -174,12 +245,37 @@ class ContinualLoop:
             # scheduler; at a boundary with carry_optimizer: the optimizer's moments).
             continuing = restored if restored is not None and t == start else None
             self._train_task(t, task, continuing)
+            self.activity = ("after_task", t)
             self.strategy.after_task(t, task)
             with self.strategy.evaluation_weights(t):
                 self._evaluate_row(t + 1)
             self.progress.task, self.progress.step, self.progress.task_done = t, 0, True
             self._checkpoint()
+        self.activity = ("finish",)
         return self.progress
+
+    def where(self) -> str:
+        """Where the run is, in words: `at step 37/200 of task 2/3 'decrement'` (steps done)."""
+        kind, *at = self.activity
+        T = len(self.stream)
+        if kind == "train":
+            t, step, steps = at
+            return f"at step {step}/{steps} of task {t + 1}/{T} '{self.stream[t].name}'"
+        if kind == "before_task":
+            return f"at the start of task {at[0] + 1}/{T} '{self.stream[at[0]].name}' (before its first step)"
+        if kind == "after_task":
+            return f"in the strategy's end-of-task step after task {at[0] + 1}/{T} '{self.stream[at[0]].name}'"
+        if kind == "eval":
+            row = at[0]
+            return "in the evaluation before training" if row == 0 else \
+                f"in the evaluation after task {row}/{T} '{self.stream[row - 1].name}'"
+        if kind == "finish":
+            return "while writing the results"
+        return "at the start of the run (restoring its checkpoint)"
+
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: earlier sessions' (to their last checkpoint) + this one's."""
+        return self.wall_before + time.perf_counter() - self.session_started
 
     def _warn_cut_prompts(self) -> None:
         """One line per task whose prompts do not fit model.max_length (with the answer in
@@ -197,6 +293,23 @@ class ContinualLoop:
                       file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ training
+    def _check_epoch_plans(self) -> None:
+        """trainer.epochs against trainer.grad_accum on the examples each task trains on
+        (the strategy's: multitask's union), before anything trains: refused when no
+        step count honours the epochs, one warning line per task that overshoots them."""
+        if self.trainer.steps_per_task:
+            return
+        world = self.accelerator.num_processes
+        for t, task in enumerate(self.stream):
+            examples = self.strategy.train_examples(t, task, task.train)
+            if not examples:
+                continue
+            plan = EpochPlan(epochs_for(self.trainer, t), len(examples), self.trainer.batch_size * world,
+                             self.trainer.grad_accum)
+            warning = check_epoch_plan(plan, task.name, self.trainer, world)
+            if warning and self.is_main:
+                print(warning, file=sys.stderr, flush=True)
+
     def plan_task(self, t: int, task: Task) -> TaskPlan:
         return plan_task(t, task, self.strategy, self.trainer, self.accelerator.num_processes, self.cfg.seed)
 
@@ -214,8 +327,16 @@ class ContinualLoop:
         custom = self.strategy.lr_lambda(t, steps)
         return custom if custom is not None else trainer_lr_factor(self.trainer, steps)
 
+    def _count_train_time(self, t: int, since: float) -> float:
+        """Adds the time since `since` to task t's and the run's training time; returns now."""
+        now = time.perf_counter()
+        self.progress.train_seconds += now - since
+        self._task_seconds(t)["train"] = self._task_seconds(t).get("train", 0.0) + now - since
+        return now
+
     def _train_task(self, t: int, task: Task, restored: Optional[ResumeState] = None) -> None:
-        started = time.perf_counter()
+        started = clock = time.perf_counter()
+        self.activity = ("before_task", t)
         mid_task = restored is not None and restored.mid_task
         if not mid_task:
             self.strategy.before_task(t, task)
@@ -236,8 +357,9 @@ class ContinualLoop:
             self._load_optimizer_state(restored.optimizer)
         optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False)
         self.model.train()
-        bar = tqdm(total=plan.steps, initial=first_step, desc=f"task {t + 1}/{len(self.stream)} {task.name}",
-                   disable=not (self.is_main and self.trainer.progress_bar), leave=False, dynamic_ncols=True)
+        self.activity = ("train", t, first_step, plan.steps)
+        shown = TaskProgress(f"task {t + 1}/{len(self.stream)} {task.name}", plan.steps, first_step,
+                             enabled=self.is_main and self.trainer.progress_bar)
         accum = self.trainer.grad_accum
         running = 0.0
         for step in range(first_step, plan.steps):
@@ -247,7 +369,7 @@ class ContinualLoop:
             if not math.isfinite(loss_value):
                 # Nothing after this point is saved: the last checkpoint stays the run's
                 # last good state. Every rank sees the same (reduced) loss and stops.
-                bar.close()
+                shown.close()
                 raise TrainingDivergedError(
                     f"training loss is {loss_value} at step {step + 1} of task {t + 1}/{len(self.stream)} "
                     f"'{task.name}' (optimizer step {self.progress.global_step + 1} of the run); the run stops here, "
@@ -255,22 +377,21 @@ class ContinualLoop:
                     f"trainer.lr (this one: {self.trainer.lr:g}) or with trainer.max_grad_norm set")
             self.progress.step = step + 1
             self.progress.global_step += 1
+            self.activity = ("train", t, step + 1, plan.steps)
             self.progress.train_tokens += tokens
             running = loss_value if step == first_step else 0.9 * running + 0.1 * loss_value
             self._record_loss(t, step + 1, plan.steps, loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}")
+            shown.update(step + 1, running, tokens)
             if self.progress.global_step % self.trainer.log_every_steps == 0:
                 self.tracker.log_train(self.progress.global_step, {
                     "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "task": t + 1})
             every = self.trainer.checkpoint_every_steps
             if every and self.progress.step % every == 0 and self.progress.step < plan.steps:
                 self.progress.task, self.progress.task_done = t, False
+                clock = self._count_train_time(t, clock)  # the checkpoint holds the training time so far
                 self._checkpoint()
-        bar.close()
-        elapsed = time.perf_counter() - started
-        self.progress.train_seconds += elapsed
-        self._task_seconds(t)["train"] = self._task_seconds(t).get("train", 0.0) + elapsed
+        shown.close()
+        elapsed = self._count_train_time(t, clock) - started
         if self.is_main and plan.steps:
             print(f"[cl-run] task {t + 1}/{len(self.stream)} {task.name}: {plan.steps} steps in {elapsed:.1f}s, "
                   f"final loss {running:.4f}", flush=True)
@@ -381,12 +502,14 @@ class ContinualLoop:
     def _evaluate_row(self, tasks_learned: int) -> None:
         """Score every task; fills row `tasks_learned` of R (and of the monitor scores)."""
         started = time.perf_counter()
+        self.activity = ("eval", tasks_learned)
         self.progress.R[tasks_learned] = self._score_tasks(self.stream.tasks, tasks_learned, "task")
         if self.monitor:
             while len(self.progress.monitor) <= tasks_learned:  # a checkpoint from before monitors
                 self.progress.monitor.append([None] * len(self.monitor))
             self.progress.monitor[tasks_learned] = self._score_tasks(self.monitor, tasks_learned, "monitor")
         elapsed = time.perf_counter() - started
+        self.progress.eval_seconds += elapsed
         if tasks_learned > 0:
             self._task_seconds(tasks_learned - 1)["eval"] = elapsed
         self._log_row(tasks_learned)
@@ -401,7 +524,7 @@ class ContinualLoop:
         row: list[Optional[float]] = []
         what = "monitor" if kind == "monitor" else "eval"
         bar = tqdm(tasks, desc=f"{what} after {tasks_learned} task(s)", leave=False,
-                   disable=not (self.is_main and self.trainer.progress_bar))
+                   disable=not (self.is_main and self.trainer.progress_bar and on_terminal()))
         for j, task in enumerate(bar):
             shard = task.test[rank::world]
             size = len(shard)
@@ -456,6 +579,7 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
+        self.progress.wall_seconds = self.wall_seconds()
         if self.sharded:
             from cl_runner.checkpoints.sharded import save_sharded_checkpoint
 

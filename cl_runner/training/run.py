@@ -4,9 +4,9 @@ every check that needs built objects, and hands back a `RunContext`. The loop on
 and evaluates; the summary, the final-model export and the checkpoints read the context.
 
 Order (each step may fail with a one-line error; whatever was made is undone then):
-accelerator -> run folder (rank 0 makes it, the others learn its path) -> environment.json
--> tracker -> tasks (stream + monitor) -> model -> checks against the built stream and
-model -> collator -> DDP wrap or FSDP2 sharding.
+precision against the device -> accelerator -> run folder (rank 0 makes it, the others
+learn its path) -> environment.json -> tracker -> tasks (stream + monitor) -> model ->
+checks against the built stream and model -> collator -> DDP wrap or FSDP2 sharding.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from cl_runner.checkpoints.adapter import FrozenBase
 from cl_runner.config.validate import check_epochs, check_lengths, check_task_budget, position_limit
-from cl_runner.errors import ConfigError
+from cl_runner.errors import ConfigError, bad_value
 from cl_runner.evaluation.predict import generation_budget
 from cl_runner.models.batching import Collator
 from cl_runner.models.build import ModelBundle, build_model
@@ -98,6 +98,18 @@ def launched_on_cpus() -> bool:
     import torch
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_precision(trainer: DictConfig) -> None:
+    """accelerate's fp16 mixed precision is CUDA autocast: without a CUDA device it runs
+    fp32 while config.yaml says fp16. Checked when the run is built, not in dry_run (which
+    plans for a GPU elsewhere). Under FSDP2 the sharding policy casts the weights itself."""
+    import torch
+
+    if trainer.precision == "fp16" and trainer.sharding != "fsdp" and not torch.cuda.is_available():
+        raise ConfigError(bad_value("trainer.precision", "fp16",
+                                    "fp16 mixed precision needs a CUDA GPU and none is visible here, so the run would "
+                                    "train in fp32; use trainer.precision=bf16 (CPUs run it) or trainer.precision=no"))
 
 
 def make_accelerator(cfg: DictConfig, strategy: StrategyStack):
@@ -185,6 +197,7 @@ def build_run(cfg: DictConfig, strategy: StrategyStack, resuming: bool = False,
     error goes up."""
     from cl_runner.reporting.environment import record_environment
 
+    check_precision(cfg.trainer)
     accelerator = accelerator or make_accelerator(cfg, strategy)
     run_dir = tracker = None
     try:

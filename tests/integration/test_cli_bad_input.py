@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,11 +63,68 @@ def no_run_folder(cwd) -> bool:
     (["trainer.lr=0"], ["'trainer.lr': 0.0", "positive"]),
     (["task_stream=custom", "task_stream.tasks=[{name: a, path: x}, {name: a, path: y}]"], ["task name 'a' is used twice"]),
     (["task_stream=custom", "task_stream.tasks=[{path: x}]"], ["entry 0 needs a non-empty string 'name'"]),
+    # An unknown option of a config group: one line listing the options, before Hydra.
+    (["strategy=foo"], ["unknown strategy 'foo': choose one of classp,", "seq_ft, svd_orthogonal;"]),
+    (["model=foo"], ["unknown model 'foo': choose one of", "tiny_gpt2"]),
+    (["task_stream=foo"], ["unknown task_stream 'foo': choose one of", "synthetic"]),
+    (["experiment=foo"], ["unknown experiment 'foo': choose one of", "trace_paper"]),  # optional: was ignored
+    (["+experiment=trace_papr"], ["unknown experiment 'trace_papr'", "(did you mean 'trace_paper'?)"]),
+    (["-m", "strategy=seq_ft,ewcc"], ["unknown strategy 'ewcc'", "(did you mean 'ewc'?)"]),
+    (["evaluation.monitor=[foo]"], ["evaluation.monitor: unknown synthetic task 'foo'; choose from copy,"]),
+    (["task_stream.test_size=0"], ["'task_stream.test_size': 0", "at least 1 example"]),
 ], ids=["epochs_list", "max_new_tokens_100", "max_length_200", "max_new_tokens_-1", "max_new_tokens_0", "lr_inf",
-        "lr_nan", "lr_0", "custom_same_name", "custom_no_name"])
+        "lr_nan", "lr_0", "custom_same_name", "custom_no_name", "strategy_foo", "model_foo", "task_stream_foo",
+        "experiment_foo", "experiment_typo", "multirun_typo", "monitor_foo", "test_size_0"])
 def test_bad_value_is_a_config_error_before_anything_is_made(tmp_path, monkeypatch, capsys, args, expected):
     code, _, err = cl_main(args, tmp_path, monkeypatch, capsys)
     assert_one_line_error(code, err, *expected, prefix="cl-run: config error:")
+    assert no_run_folder(tmp_path)
+
+
+def test_an_option_from_a_working_directory_configs_folder_is_known(tmp_path, monkeypatch, capsys):
+    (tmp_path / "configs" / "strategy").mkdir(parents=True)
+    (tmp_path / "configs" / "strategy" / "mine.yaml").write_text(
+        (Path(__file__).parents[2] / "configs" / "strategy" / "seq_ft.yaml").read_text())
+    code, out, err = cl_main(["strategy=mine", "dry_run=true"], tmp_path, monkeypatch, capsys)
+    assert code == 0 and "name: seq_ft" in out, err
+    code, _, err = cl_main(["strategy=mne"], tmp_path, monkeypatch, capsys)
+    assert_one_line_error(code, err, "unknown strategy 'mne'", "mine, multitask", "(did you mean 'mine'?)",
+                          prefix="cl-run: config error:")
+
+
+# ------------------------------------------------------------------ refused when the run is built
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a CUDA device")
+def test_fp16_without_cuda_is_refused_when_the_run_is_built(tmp_path, monkeypatch, capsys):
+    code, _, err = cl_main(TINY + ["trainer.precision=fp16"], tmp_path, monkeypatch, capsys)
+    assert_one_line_error(code, err, "'trainer.precision': 'fp16'", "needs a CUDA GPU", "trainer.precision=bf16",
+                          prefix="cl-run: config error:")
+    assert no_run_folder(tmp_path)
+    code, out, err = cl_main(["trainer.precision=fp16", "dry_run=true"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err  # dry_run plans for a GPU elsewhere
+
+
+def test_epochs_that_one_accumulated_step_already_exceeds_are_refused(tmp_path, monkeypatch, capsys):
+    """epochs=1 over 8 examples in batches of 8 is one micro-batch; grad_accum=4 would make
+    the one optimizer step 4 passes over the data."""
+    code, _, err = cl_main(["trainer.steps_per_task=null", "trainer.epochs=1", "task_stream.train_size=8",
+                            "task_stream.test_size=8", "trainer.batch_size=8", "trainer.grad_accum=4"],
+                           tmp_path, monkeypatch, capsys)
+    assert_one_line_error(code, err, "'trainer.grad_accum': 4", "task 'increment' has 8 training examples",
+                          "makes 1 micro-batch(es), but one optimizer step takes 4", "4.00 passes over the data",
+                          "trainer.grad_accum<=1", prefix="cl-run: config error:")
+    assert no_run_folder(tmp_path)
+
+
+def test_ctrl_c_while_the_run_is_built_keeps_nothing(tmp_path, monkeypatch, capsys):
+    import cl_runner.training.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "build_model", interrupted)
+    code, _, err = cl_main(TINY, tmp_path, monkeypatch, capsys)
+    assert_one_line_error(code, err, "interrupted while the run was being built", "nothing was kept", exit_code=130,
+                          prefix="cl-run: interrupted")
     assert no_run_folder(tmp_path)
 
 

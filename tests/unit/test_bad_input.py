@@ -159,3 +159,141 @@ def test_the_loop_warns_once_per_task_with_the_counts(capsys):
     assert len(lines) == 1, lines
     assert "task 'long': 2 of 3 training prompts" in lines[0] and "1 of 2 test prompts" in lines[0]
     assert "model.max_length=16" in lines[0] and "from the left" in lines[0]
+
+
+# ------------------------------------------------------------------ group options on the command line
+def option_folders(tmp_path) -> tuple[Path, Path]:
+    """A package and a working-directory configs folder: (package, local)."""
+    package, local = tmp_path / "package", tmp_path / "local"
+    for folder, files in ((package, ["strategy/ewc", "strategy/seq_ft", "experiment/paper"]),
+                          (local, ["strategy/mine", "local/cluster"])):
+        for name in files:
+            (folder / f"{name}.yaml").parent.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.yaml").write_text("{}\n")
+    return package, local
+
+
+def test_an_unknown_group_option_lists_the_options_of_both_config_folders(tmp_path):
+    from cl_runner.config.override_check import unknown_option_message
+
+    package, local = option_folders(tmp_path)
+    dirs = [local, package]
+    assert unknown_option_message(dirs, ["strategy=foo"]) == (
+        "unknown strategy 'foo': choose one of ewc, mine, seq_ft; your own options go in configs/strategy/<name>.yaml "
+        "in the working directory")
+    assert "(did you mean 'seq_ft'?)" in unknown_option_message(dirs, ["strategy=seq_fft"])
+    assert "unknown experiment 'papr'" in unknown_option_message(dirs, ["+experiment=papr"])
+    assert "unknown experiment 'x'" in unknown_option_message(dirs, ["++experiment=x"])
+    assert "unknown strategy 'ewcc'" in unknown_option_message(dirs, ["-m", "strategy=seq_ft,ewcc"])
+    assert "unknown local 'laptop'" in unknown_option_message(dirs, ["local@_global_=laptop"])
+    assert "~experiment drops an optional group" in unknown_option_message(dirs, ["experiment=null"])
+    for fine in (["strategy=mine", "local=cluster"], ["-m", "strategy=ewc,seq_ft"], ["strategy=choice(ewc,foo)"],
+                 ["~experiment"], ["strategy.name=foo"], ["model=anything"], ["hydra/launcher=foo"], ["--cfg", "job"]):
+        assert unknown_option_message(dirs, fine) is None, fine  # model: no such folder here, Hydra's to judge
+
+
+# ------------------------------------------------------------------ epochs against grad_accum
+def test_epochs_that_the_accumulated_steps_overshoot_are_warned_with_the_numbers():
+    from cl_runner.training.loop import EpochPlan, check_epoch_plan
+
+    trainer = SimpleNamespace(batch_size=16)
+    plan = EpochPlan(epochs=1, examples=100, global_batch=16, accum=4)
+    assert (plan.micro_batches, plan.steps, plan.passes) == (7, 2, 1.28)
+    assert check_epoch_plan(plan, "t", trainer, world=1) == (
+        "[cl-run] warning: task 't': trainer.epochs=1 over 100 training examples at a global batch of 16 "
+        "(trainer.batch_size=16 x 1 process(es)) makes 7 micro-batches, rounded up to 2 optimizer step(s) of "
+        "trainer.grad_accum=4: 8 micro-batches, 1.28 passes over the data instead of 1")
+    assert check_epoch_plan(EpochPlan(1, 2000, 64, 4), "t", trainer, 1) is None  # 1.02 passes: within 10%
+    assert check_epoch_plan(EpochPlan(3, 100, 16, 1), "t", trainer, 1) is None  # 19 batches = 3.04 passes
+
+
+def test_epochs_that_one_accumulated_step_exceeds_are_refused():
+    from cl_runner.training.loop import EpochPlan, check_epoch_plan
+
+    plan = EpochPlan(epochs=1, examples=8, global_batch=8, accum=4)
+    assert plan.unreachable and plan.steps == 1 and plan.passes == 4.0
+    with pytest.raises(ConfigError, match=r"'trainer.grad_accum': 4; task 't' has 8 training examples.*"
+                                          r"use trainer.grad_accum<=1"):
+        check_epoch_plan(plan, "t", SimpleNamespace(batch_size=8), world=1)
+    assert not EpochPlan(epochs=4, examples=8, global_batch=8, accum=4).unreachable  # 4 epochs: exactly one step
+
+
+# ------------------------------------------------------------------ progress without a terminal
+def test_progress_lines_every_tenth_of_the_steps_or_thirty_seconds(capsys):
+    from cl_runner.training.progress import TaskProgress
+
+    now = [0.0]
+    shown = TaskProgress("task 1/2 a", steps=40, first_step=0, enabled=True, terminal=False, clock=lambda: now[0])
+    for step in range(1, 41):
+        now[0] += 0.5 if step != 6 else 40.0  # step 6 takes 40 s: a line for it at once
+        shown.update(step, loss=1.0, tokens=100)
+    shown.close()
+    out, err = capsys.readouterr()
+    assert err == ""  # no bar frames
+    steps = [line.split("step ")[1].split()[0] for line in out.splitlines()]
+    assert steps == ["4/40", "6/40", "8/40", "12/40", "16/40", "20/40", "24/40", "28/40", "32/40", "36/40"]
+    assert out.splitlines()[0] == "[cl-run] task 1/2 a: step 4/40 (10%)  loss 1.0000  200 tokens/s  ETA 18.0s"
+
+
+def test_progress_shows_nothing_when_switched_off_or_a_bar_on_a_terminal(capsys):
+    from cl_runner.training.progress import TaskProgress
+
+    for enabled, terminal in ((False, False), (False, True)):
+        shown = TaskProgress("t", steps=10, first_step=0, enabled=enabled, terminal=terminal)
+        for step in range(1, 11):
+            shown.update(step, 1.0, 10)
+        shown.close()
+        assert capsys.readouterr() == ("", "")
+    shown = TaskProgress("t", steps=10, first_step=0, enabled=True, terminal=True)
+    assert not shown.lines and not shown.bar.disable
+
+
+# ------------------------------------------------------------------ after an interruption
+def test_the_resume_point_is_read_from_checkpoint_names(tmp_path):
+    from cl_runner.checkpoints.files import resume_point
+
+    folder = tmp_path / "checkpoints"
+    assert resume_point(folder) is None
+    folder.mkdir()
+    (folder / "task000_done.pt").write_bytes(b"")
+    assert resume_point(folder) == "checkpoints/task000_done.pt (end of task 1)"
+    (folder / "task001_0000030.pt").write_bytes(b"")
+    (folder / "task001_0000035.tmp").write_bytes(b"")  # a save that was cut short
+    assert resume_point(folder) == "checkpoints/task001_0000030.pt (step 30 of task 2)"
+    (folder / "task002_0000005.dcp").mkdir()  # a sharded checkpoint is a folder
+    assert resume_point(folder) == "checkpoints/task002_0000005.dcp (step 5 of task 3)"
+
+
+def test_the_cost_of_a_resumed_run_is_its_total_over_sessions():
+    from cl_runner.reporting.summary import format_cost
+
+    metrics = {"wall_time_s": 75.0, "train_time_s": 60.0, "eval_time_s": 6.0, "sessions": 2,
+               "task_time_s": [{"train": 30.0, "eval": 2.0}, {"train": 30.0, "eval": 3.5}]}
+    assert format_cost(metrics) == "cost: 1m15s over 2 sessions (train 1m00s, eval 6.0s)"
+    assert format_cost({**metrics, "sessions": 1}) == "cost: 1m15s (train 1m00s, eval 6.0s)"
+    old = {k: v for k, v in metrics.items() if k not in ("eval_time_s", "sessions")}  # a metrics.json from before
+    assert format_cost(old) == "cost: 1m15s (train 1m00s, eval 5.5s)"
+
+
+def test_the_interrupted_line_says_where_and_what_a_resume_does(tmp_path):
+    from cl_runner.cli import interrupted_line
+    from cl_runner.streams.task import Example, Task
+    from cl_runner.training.loop import ContinualLoop
+
+    tasks = [Task(name, [], [Example("p", "a")]) for name in ("copy", "sort")]
+    where = lambda *activity: ContinualLoop.where(SimpleNamespace(activity=activity, stream=tasks))  # noqa: E731
+    assert where("train", 1, 37, 200) == "at step 37/200 of task 2/2 'sort'"
+    assert where("eval", 0) == "in the evaluation before training"
+    assert where("eval", 2) == "in the evaluation after task 2/2 'sort'"
+    assert where("after_task", 0) == "in the strategy's end-of-task step after task 1/2 'copy'"
+
+    run = tmp_path / "run"
+    assert interrupted_line(None, "while the run was being built (model, data)") == (
+        "interrupted while the run was being built (model, data), before training started; nothing was kept "
+        "(the new run folder is removed)")
+    (run / "checkpoints").mkdir(parents=True)
+    assert f"no checkpoint was saved yet, so cl-run resume={run} starts the run again" in interrupted_line(run, "x")
+    (run / "checkpoints" / "task000_done.pt").write_bytes(b"")
+    assert interrupted_line(run, "in the evaluation after task 1/2 'copy'") == (
+        f"interrupted in the evaluation after task 1/2 'copy'; cl-run resume={run} continues from "
+        "checkpoints/task000_done.pt (end of task 1)")
