@@ -59,7 +59,9 @@ def test_summary_tracker_and_report_show_the_monitor(tmp_path, capsys, monkeypat
         def summary(self, values):
             summaries.append(dict(values))
 
-    monkeypatch.setattr(tracking, "make_tracker", lambda *a, **k: Recorder())
+    import cl_runner.training.run as run  # where the run makes its tracker
+
+    monkeypatch.setattr(run, "make_tracker", lambda *a, **k: Recorder())
     metrics, run_dir = run_cl(TINY, tmp_path)
     out = capsys.readouterr().out
     assert "monitor (never trained) before training: complement=" in out
