@@ -64,7 +64,7 @@ def no_run_folder(cwd) -> bool:
     (["task_stream=custom", "task_stream.tasks=[{name: a, path: x}, {name: a, path: y}]"], ["task name 'a' is used twice"]),
     (["task_stream=custom", "task_stream.tasks=[{path: x}]"], ["entry 0 needs a non-empty string 'name'"]),
     # An unknown option of a config group: one line listing the options, before Hydra.
-    (["strategy=foo"], ["unknown strategy 'foo': choose one of classp,", "seq_ft, svd_orthogonal;"]),
+    (["strategy=foo"], ["unknown strategy 'foo': choose one of ", " classp, ", "seq_ft, svd_orthogonal;"]),
     (["model=foo"], ["unknown model 'foo': choose one of", "tiny_gpt2"]),
     (["task_stream=foo"], ["unknown task_stream 'foo': choose one of", "synthetic"]),
     (["experiment=foo"], ["unknown experiment 'foo': choose one of", "trace_paper"]),  # optional: was ignored
