@@ -59,6 +59,15 @@ STRATEGIES: dict[str, list[str]] = {
     # trains at a larger lr than full fine-tuning. Not yet measured on MiniLM.
     "lora_seq_ft": ["model.adapter=lora", "trainer.lr=1e-3"],
     "olora": ["strategy=olora", "trainer.lr=1e-3"],
+    # The comparison tables' rows (issue 19), at their defaults; OGD on the LoRA factors as
+    # TRACE runs it (its basis over the full model would be 150 x 22M fp32 per task).
+    "lwf": ["strategy=lwf"],
+    "gem": ["strategy=gem"],
+    "agem": ["strategy=agem"],
+    "ogd_lora": ["strategy=ogd", "model.adapter=lora", "trainer.lr=1e-3"],
+    "gpm": ["strategy=gpm"],
+    "inc_lora": ["strategy=inc_lora", "trainer.lr=1e-3"],
+    "per_task_ft": ["strategy=per_task_ft"],
 }
 
 
