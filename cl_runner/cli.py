@@ -15,13 +15,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cl_runner.checkpoints.files import CheckpointError
-from cl_runner.errors import ConfigError
-from cl_runner.config.validate import validate
 from cl_runner.config.paths import package_configs
+from cl_runner.config.validate import validate
+from cl_runner.errors import ConfigError
 from cl_runner.models.build import ModelLoadError
-from cl_runner.streams.records import RecordError
-from cl_runner.reporting.tracking import RunFolderError
 from cl_runner.reporting.outputs import CONFIG_FILE, METRICS_FILE
+from cl_runner.reporting.tracking import RunFolderError
+from cl_runner.streams.records import RecordError
 
 PACKAGE_CONFIGS = package_configs()
 

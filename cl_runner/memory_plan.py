@@ -30,7 +30,6 @@ GPU, 80 for an 80 GB A100/H100) adds a fits / does-not-fit verdict.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 from dataclasses import asdict, dataclass, field

@@ -21,8 +21,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from cl_runner.models.adapters import head_modules, is_adapted
 from cl_runner.checkpoints.files import CheckpointError
+from cl_runner.models.adapters import head_modules, is_adapted
 
 ADAPTER_SCOPE = "adapter"   # the checkpoint's model entry holds the adapters and head only
 FULL_SCOPE = "full"         # the whole state dict (every run before this, and full fine-tuning)

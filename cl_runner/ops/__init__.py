@@ -27,8 +27,13 @@ C++: CPU and CUDA), "cuda" (CUDA kernels: fused small-k and low-precision paths)
 extension is built by `pip install --no-build-isolation -e .`; when it is missing,
 cl_runner.ops warns once and uses "torch". CL_RUNNER_NO_EXT=1 disables it.
 """
-from cl_runner.ops._backends import (BACKENDS, available_backends, extension_status,
-                                     get_default_backend, set_default_backend)
+from cl_runner.ops._backends import (
+                                     BACKENDS,
+                                     available_backends,
+                                     extension_status,
+                                     get_default_backend,
+                                     set_default_backend,
+)
 from cl_runner.ops.projection import project_, project_update_
 from cl_runner.ops.reference import MODES
 from cl_runner.ops.subspace import SubspaceStats, orthonormal_complement, top_k_bases

@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from cl_runner.reporting.formatting import (format_bytes, format_duration, format_metric,  # noqa: F401 (re-exported)
-                                  markdown_table, text_table)
-from cl_runner.reporting.seed_groups import is_incidental
+from cl_runner.reporting.formatting import format_bytes, format_duration, format_metric, markdown_table, text_table  # noqa: F401 (re-exported)
 from cl_runner.reporting.outputs import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE
+from cl_runner.reporting.seed_groups import is_incidental
 
 # Without these a row means nothing; a file that lacks one is reported and skipped.
 REQUIRED_KEYS = ("strategy", "task_stream", "model", "ACC")

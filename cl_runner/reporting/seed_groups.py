@@ -25,8 +25,17 @@ import numpy as np
 
 from cl_runner.evaluation import metrics as M
 from cl_runner.reporting.item_scores import load_item_scores
-from cl_runner.reporting.stats import (BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, LEVEL, Interval, bootstrap_interval, item_counts,
-                             resampled_matrices, t_interval, t_quantile)
+from cl_runner.reporting.stats import (
+    BOOTSTRAP_SAMPLES,
+    BOOTSTRAP_SEED,
+    LEVEL,
+    Interval,
+    bootstrap_interval,
+    item_counts,
+    resampled_matrices,
+    t_interval,
+    t_quantile,
+)
 
 # Config keys that never make two runs different experiments.
 INCIDENTAL_KEYS = frozenset({

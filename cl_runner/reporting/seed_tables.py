@@ -6,8 +6,14 @@ import csv
 import io
 from typing import Callable, Optional, Sequence
 
-from cl_runner.reporting.formatting import (SIGNED_METRICS, format_bytes, format_interval, format_metric,
-                                          markdown_table, text_table)
+from cl_runner.reporting.formatting import (
+    SIGNED_METRICS,
+    format_bytes,
+    format_interval,
+    format_metric,
+    markdown_table,
+    text_table,
+)
 from cl_runner.reporting.seed_groups import METRICS, Difference, SeedGroup, find_baseline
 
 GROUP_HEADERS = ("strategy", "model", "seeds", *METRICS)

@@ -10,9 +10,9 @@ import torch
 
 from cl_runner.checkpoints.files import Progress
 from cl_runner.reporting.formatting import format_named_metric
-from cl_runner.strategies.registry import strategy_label
-from cl_runner.reporting.tracking import write_accuracy_csv, write_json
 from cl_runner.reporting.outputs import ACCURACY_FILE, METRICS_FILE, MONITOR_FILE
+from cl_runner.reporting.tracking import write_accuracy_csv, write_json
+from cl_runner.strategies.registry import strategy_label
 
 if TYPE_CHECKING:
     from cl_runner.training.run import RunContext

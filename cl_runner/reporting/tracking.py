@@ -11,9 +11,10 @@ import math
 import os
 import shutil
 import time
-from cl_runner.reporting.outputs import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE
 from pathlib import Path
 from typing import Any, Optional
+
+from cl_runner.reporting.outputs import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE
 
 RESULT_MARKERS = (METRICS_FILE, "checkpoints")
 

@@ -40,12 +40,12 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from cl_runner.ops.selection import kth_largest
 from cl_runner.distributed.sharding import is_sharded, local
+from cl_runner.errors import require, require_choice
+from cl_runner.ops.selection import kth_largest
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import register
-from cl_runner.errors import require, require_choice
 
 THRESHOLD_MODES = ("absolute", "quantile")
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from cl_runner.errors import require
 from cl_runner.ops.merging import vector_norm
 from cl_runner.strategies.parts.merging import FSDP_REFUSAL, ContinualMerging
 from cl_runner.strategies.registry import register
-from cl_runner.errors import require
 
 
 @dataclass

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from cl_runner.errors import require, require_choice
 from cl_runner.ops.merging import MERGE_FUNCS, ties_merge_dicts, vector_norm
 from cl_runner.strategies.continual_task_arithmetic import check_scaling_factor
 from cl_runner.strategies.parts.merging import FSDP_REFUSAL, ContinualMerging
 from cl_runner.strategies.registry import register
-from cl_runner.errors import require, require_choice
 
 
 @dataclass

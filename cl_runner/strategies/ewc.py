@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_runner.distributed.sharding import global_numel, global_sum, is_sharded, local
+from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Batch, Strategy, tensor_bytes
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
-from cl_runner.errors import require, require_choice
 
 IGNORE = -100
 MODES = ("online", "separate")

@@ -48,13 +48,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from cl_runner.errors import require, require_choice
+from cl_runner.models.parts import block_stacks
 from cl_runner.strategies.base import Strategy, plain_config
 from cl_runner.strategies.memory import PlanInputs, StrategyEstimate, count
 from cl_runner.strategies.parts.rounding import round_half_up
-from cl_runner.models.parts import block_stacks
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Task
-from cl_runner.errors import require, require_choice
 
 GRANULARITIES = ("module", "row", "element")
 _STATE_VERSION = 1

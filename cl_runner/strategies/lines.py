@@ -39,12 +39,12 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from cl_runner.errors import require_choice
+from cl_runner.models.parts import BlockPosition, parameter_blocks
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, gib
-from cl_runner.models.parts import BlockPosition, parameter_blocks
 from cl_runner.strategies.registry import ADDON, register
 from cl_runner.streams.task import Task
-from cl_runner.errors import require_choice
 
 HEAD_SCALES = ("alpha", "alpha_plus_beta")
 REFERENCES = ("pretrained", "previous_task")

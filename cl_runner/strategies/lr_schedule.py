@@ -29,12 +29,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cl_runner.streams.sampling import EndlessShuffle
+from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Strategy
 from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import ADDON, register
+from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.streams.task import Example, Task
-from cl_runner.errors import require, require_choice
 
 SCHEDULES = ("rewarm_cosine", "constant", "infinite")
 COOLDOWNS = ("cosine", "inv_sqrt")

@@ -38,7 +38,6 @@ from cl_runner.strategies.parts.orthogonal_basis import extend_basis, project_ou
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
 
-
 VARIANTS = ("paper", "trace")
 IGNORE = -100
 

@@ -25,10 +25,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Batch
 from cl_runner.strategies.parts.per_task_lora import PerTaskLoRA, residual  # noqa: F401 (residual: olora's API)
 from cl_runner.strategies.registry import register
-from cl_runner.errors import require, require_choice
 
 FORMS = ("abs", "squared")
 

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_runner.errors import require
 from cl_runner.ops.merging import opcm_merge_, vector_norm
 from cl_runner.strategies.base import StrategyContext
 from cl_runner.strategies.parts.merging import FSDP_REFUSAL, ContinualMerging
 from cl_runner.strategies.registry import register
-from cl_runner.errors import require
 
 
 @dataclass

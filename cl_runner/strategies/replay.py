@@ -25,12 +25,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from cl_runner.streams.sampling import EndlessShuffle
+from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import ADDON, register
+from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.streams.task import Example, Task
-from cl_runner.errors import require, require_choice
 
 MODES = ("mix", "separate_pass")
 SELECTIONS = ("random", "first")

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cl_runner.streams.records import (
-    require_data_dir,
     RecordError,
     read_records,
+    require_data_dir,
     require_fields,
     require_nonempty,
     resolve_child,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cl_runner.streams.records import (
-    require_data_dir,
     read_records,
+    require_data_dir,
     require_fields,
     require_nonempty,
     resolve_child,

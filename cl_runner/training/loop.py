@@ -20,17 +20,17 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from cl_runner.checkpoints.adapter import load_model_state
-from cl_runner.training.anneal import optimizer_copy, prepared_alone
-from cl_runner.models.batching import compute_loss
 from cl_runner.checkpoints.files import Progress, load_latest_checkpoint, save_checkpoint, set_rng_state
 from cl_runner.errors import ConfigError, bad_value
 from cl_runner.evaluation.predict import generation_budget, predict
-from cl_runner.streams.sampling import EndlessShuffle
+from cl_runner.models.batching import compute_loss
+from cl_runner.reporting.tracking import write_item_scores, write_predictions
 from cl_runner.strategies import StrategyContext, StrategyStack
+from cl_runner.streams.sampling import EndlessShuffle
+from cl_runner.streams.task import Example, Task, TaskStream
+from cl_runner.training.anneal import optimizer_copy, prepared_alone
 from cl_runner.training.progress import TaskProgress, on_terminal
 from cl_runner.training.run import RunContext
-from cl_runner.streams.task import Example, Task, TaskStream
-from cl_runner.reporting.tracking import write_item_scores, write_predictions
 
 
 class TrainingDivergedError(RuntimeError):
@@ -603,8 +603,12 @@ class ContinualLoop:
     def _restore_sharded(self) -> Optional[ResumeState]:
         """The newest readable sharded checkpoint, re-sharded to this run's processes."""
         from cl_runner.checkpoints.files import CorruptCheckpointError
-        from cl_runner.checkpoints.sharded import (load_model_and_strategy, rank_rng_state, read_meta,
-                                                  sharded_checkpoints)
+        from cl_runner.checkpoints.sharded import (
+            load_model_and_strategy,
+            rank_rng_state,
+            read_meta,
+            sharded_checkpoints,
+        )
 
         for path in reversed(sharded_checkpoints(self.run_dir / "checkpoints")):
             try:

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from cl_runner.distributed.sharding import is_sharded
+from cl_runner.errors import require_choice
 from cl_runner.strategies.base import Strategy, StrategyContext, tensor_bytes
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count, gib
 from cl_runner.streams.task import Task
-from cl_runner.errors import require_choice
 
 HEAD_RULES = ("sum", "merge")
 

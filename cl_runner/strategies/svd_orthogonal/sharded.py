@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cl_runner.ops.subspace import orthonormal_complement
 from cl_runner.distributed.sharding import local
+from cl_runner.ops.subspace import orthonormal_complement
 
 BASIS, COMPLEMENT = "basis", "complement"
 

@@ -36,15 +36,23 @@ from torch import nn
 
 from cl_runner import ops
 from cl_runner.distributed.sharding import is_sharded
+from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import register
 from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
-from cl_runner.strategies.svd_orthogonal.rank import (_EPS, FRACTION_OF, NORMALISATIONS, adaptive_ranks, clamp_rank,
-                                           layer_importances, ratio_ranks, scheduled_fraction)
+from cl_runner.strategies.svd_orthogonal.rank import (
+    _EPS,
+    FRACTION_OF,
+    NORMALISATIONS,
+    adaptive_ranks,
+    clamp_rank,
+    layer_importances,
+    ratio_ranks,
+    scheduled_fraction,
+)
 from cl_runner.strategies.svd_orthogonal.targets import Target, find_targets
 from cl_runner.streams.task import Task
-from cl_runner.errors import require, require_choice
 
 RANK_MODES = ("adaptive", "ratio")
 FIRST_TASK = ("full", "constrained")
