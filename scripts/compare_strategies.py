@@ -64,6 +64,10 @@ STRATEGIES: dict[str, list[str]] = {
     "lwf": ["strategy=lwf"],
     "gem": ["strategy=gem"],
     "agem": ["strategy=agem"],
+    # The same at a memory batch of a training batch's size (16 examples per past task for GEM,
+    # 16 in all for A-GEM): at the defaults (256) each step costs ~16x a training step on MiniLM.
+    "gem_mb16": ["strategy=gem", "strategy.memory_batch_size=16"],
+    "agem_ref16": ["strategy=agem", "strategy.ref_batch_size=16"],
     "ogd_lora": ["strategy=ogd", "model.adapter=lora", "trainer.lr=1e-3"],
     "gpm": ["strategy=gpm"],
     "inc_lora": ["strategy=inc_lora", "trainer.lr=1e-3"],
