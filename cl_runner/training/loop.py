@@ -29,6 +29,7 @@ from cl_runner.strategies import StrategyContext, StrategyStack
 from cl_runner.streams.sampling import EndlessShuffle
 from cl_runner.streams.task import Example, Task, TaskStream
 from cl_runner.training.anneal import optimizer_copy, prepared_alone
+from cl_runner.training.phases import phase
 from cl_runner.training.progress import TaskProgress, on_terminal
 from cl_runner.training.run import RunContext
 
@@ -246,8 +247,9 @@ class ContinualLoop:
             continuing = restored if restored is not None and t == start else None
             self._train_task(t, task, continuing)
             self.activity = ("after_task", t)
-            self.strategy.after_task(t, task)
-            with self.strategy.evaluation_weights(t):
+            with phase("after_task"):
+                self.strategy.after_task(t, task)
+            with phase("evaluate"), self.strategy.evaluation_weights(t):
                 self._evaluate_row(t + 1)
             self.progress.task, self.progress.step, self.progress.task_done = t, 0, True
             self._checkpoint()
@@ -339,7 +341,8 @@ class ContinualLoop:
         self.activity = ("before_task", t)
         mid_task = restored is not None and restored.mid_task
         if not mid_task:
-            self.strategy.before_task(t, task)
+            with phase("before_task"):
+                self.strategy.before_task(t, task)
         plan = self.plan_task(t, task)
         self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(t, plan.steps))
@@ -364,7 +367,8 @@ class ContinualLoop:
         running = 0.0
         for step in range(first_step, plan.steps):
             micro = plan.batches[step * accum:(step + 1) * accum]
-            loss_value, tokens = self._optimizer_step(optimizer, micro)
+            with phase("step"):  # the whole optimizer step; the phases inside break it down
+                loss_value, tokens = self._optimizer_step(optimizer, micro)
             self.scheduler.step()
             if not math.isfinite(loss_value):
                 # Nothing after this point is saved: the last checkpoint stays the run's
@@ -430,10 +434,13 @@ class ContinualLoop:
             sync = i == len(micro) - 1
             with self._gradient_sync(sync):
                 with self.accelerator.autocast():
-                    loss = compute_loss(self.model, batch)
-                    penalty = self.strategy.penalty(self.model, batch)
+                    with phase("forward"):
+                        loss = compute_loss(self.model, batch)
+                    with phase("penalty"):
+                        penalty = self.strategy.penalty(self.model, batch)
                     objective = loss if penalty is None else loss + penalty
-                self.accelerator.backward(objective / len(micro))
+                with phase("backward"):
+                    self.accelerator.backward(objective / len(micro))
             total_loss += loss.item() / len(micro)
             tokens += int(batch["attention_mask"].sum())
         if world > 1:
@@ -441,15 +448,20 @@ class ContinualLoop:
             summed = self.accelerator.reduce(torch.tensor([total_loss, float(tokens)], device=self.accelerator.device),
                                              reduction="sum")
             total_loss, tokens = summed[0].item() / world, int(summed[1].item())
-        self.strategy.after_backward()
+        with phase("after_backward"):
+            self.strategy.after_backward()
         if self.trainer.max_grad_norm:
-            if self.sharded:  # DTensor gradients: torch's clip reduces the norm over shards
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
-            else:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
-        self.strategy.before_optimizer_step()
-        optimizer.step()
-        self.strategy.after_optimizer_step()
+            with phase("clip"):
+                if self.sharded:  # DTensor gradients: torch's clip reduces the norm over shards
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
+                else:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
+        with phase("before_optimizer_step"):
+            self.strategy.before_optimizer_step()
+        with phase("optimizer_step"):
+            optimizer.step()
+        with phase("after_optimizer_step"):
+            self.strategy.after_optimizer_step()
         optimizer.zero_grad(set_to_none=False)
         return total_loss, tokens
 
