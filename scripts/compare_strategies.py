@@ -17,6 +17,11 @@ interval, and each strategy's time per training step and peak memory as ratios t
 OUT/comparison.md (the cl-report tables and each run's R matrix), comparison.csv,
 comparison_seeds.csv, comparison.png and forgetting_curves.png (default OUT:
 results/reproduce/<preset>/, committed) are rewritten at the end.
+
+A batch of runs made later, at another commit, with its own baseline runs, goes beside an
+earlier comparison whose run folders are gone with --section NAME: the report is written to
+OUT/NAME/ and its summary tables are set into OUT/comparison.md as a section of their own
+(replaced on the next --section NAME call), leaving the earlier report above untouched.
 """
 from __future__ import annotations
 
@@ -90,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cl-report --baseline when several seeds ran (default: seq_ft; 'none': no differences)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite OUT from the finished runs in RUNS (after runs made by several calls)")
+    parser.add_argument("--section", default=None,
+                        help="write the report to OUT/SECTION/ and set its tables into OUT/comparison.md as a "
+                             "section of their own (a later batch beside an earlier comparison)")
     parser.add_argument("extra", nargs="*", help="more cl-run overrides for every run (after --: ... -- trainer.cpu_threads=1)")
     return parser.parse_args(argv)
 
@@ -146,9 +154,29 @@ def r_matrix_markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def section_markers(name: str) -> tuple[str, str]:
+    return (f"<!-- section {name}: written by scripts/compare_strategies.py --section {name} -->",
+            f"<!-- end of section {name} -->")
+
+
+def set_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between the section's markers in `path` (appended when it has none)."""
+    begin, end = section_markers(name)
+    block = f"{begin}\n\n{text.strip()}\n\n{end}\n"
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if begin in current and end in current:
+        head, _, rest = current.partition(begin)
+        _, _, tail = rest.partition(end)
+        new = head + block + tail.lstrip("\n")
+    else:
+        new = current.rstrip("\n") + ("\n\n" if current else "") + block
+    path.write_text(new, encoding="utf-8")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out or Path("results") / "reproduce" / args.preset
+    top = args.out or Path("results") / "reproduce" / args.preset
+    out = top / args.section if args.section else top
     runs_dir = args.runs or Path("results") / "compare" / args.preset
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +204,7 @@ def main(argv=None) -> int:
                         "--data-dir DATA" if args.data_dir else "",
                         f"--seeds {' '.join(map(str, seeds))}" if several and not args.report_only else "",
                         "--report-only" if args.report_only else "",
+                        f"--section {args.section}" if args.section else "",
                         f"-- {' '.join(args.extra)}" if args.extra and not args.report_only else ""])
     sections = [f"# Strategies on `experiment={args.preset}` ({seed_text})", "",
                 f"Report written by `{' '.join(command.split())}`; each run's own cl-run command is in "
@@ -188,6 +217,13 @@ def main(argv=None) -> int:
         settings = " ".join(STRATEGIES[label]) or "(defaults)"
         sections += [f"## {folder.name}: `{settings}`", "", r_matrix_markdown(metrics_of[folder]), ""]
     (out / "comparison.md").write_text("\n".join(sections))
+    if args.section:
+        # The summary tables go into the top comparison.md; the R matrices stay in OUT/SECTION/.
+        set_section(top / "comparison.md", args.section, "\n".join([
+            f"# Section `{args.section}`: {seed_text}, {len(finished)} runs", "",
+            f"Written by `{' '.join(command.split())}`; every run's R matrix, the "
+            f"plots and the CSVs are in [{args.section}/]({args.section}/comparison.md). Its differences and ratios "
+            "are against this section's own baseline runs.", "", report.stdout.strip()]))
     print(report.stdout)
     print(f"[compare] wrote {out / 'comparison.md'}, comparison.csv, comparison_seeds.csv, comparison.png, "
           "forgetting_curves.png", file=sys.stderr)

@@ -35,6 +35,16 @@ def test_compare_runs_each_strategy_once_and_writes_the_comparison(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "seq_ft: done before, skipped" in again.stdout
 
+    # A later batch beside it: its own folder, and a section of the top report, replaced when rewritten.
+    for _ in range(2):
+        later = compare(tmp_path, "--report-only", "--section", "later")
+        assert later.returncode == 0, later.stderr[-3000:]
+    top = (tmp_path / "out" / "comparison.md").read_text()
+    assert top.startswith(md.rstrip("\n"))  # the earlier report stays as it was
+    assert top.count("<!-- section later:") == 1 and top.count("<!-- end of section later -->") == 1
+    assert "[later/](later/comparison.md)" in top and "--report-only --section later" in top
+    assert (tmp_path / "out" / "later" / "comparison.md").read_text().count("| after \\ task |") == 2
+
 
 @pytest.mark.slow  # four real runs; the seed statistics are unit-tested in tests/unit/test_seed_report.py
 def test_compare_over_seeds_groups_them_and_subtracts_seq_ft(tmp_path):
