@@ -18,12 +18,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin (written by scripts/results_section.py from results/reproduce/; do not edit) -->"
 END = "<!-- results:end -->"
-# (folder under results/reproduce, what it is): the evidence comparisons, in README order.
+# (folder under results/reproduce, what it is, its table in the README or only a link): the
+# evidence comparisons, in README order. The README has room for the tables that decide
+# something; smollm2_quick's 12 test items a task decide little, so it is a link.
 SOURCES = (
     ("minilm_learnable", "MiniLM (22M encoder classifier), amazon → SST-2 → agnews, 500 train / 500 test "
-                         "items a task"),
+                         "items a task", True),
+    ("minilm_learnable/issue19", "The same stream, the comparison tables' rows (LwF, GEM, A-GEM, OGD, GPM, "
+                                 "IncLoRA, PerTaskFT) against their own seq_ft runs, a later batch", True),
     ("smollm2_quick", "SmolLM2-135M-Instruct, classification as generation, MNLI → agnews → amazon → QQP, "
-                      "12 test items a task, SST-2 as the never-trained monitor"),
+                      "12 test items a task, SST-2 as the never-trained monitor", False),
 )
 
 
@@ -82,12 +86,14 @@ def table(csv_path: Path) -> str:
 
 def section(root: Path = REPO) -> str:
     parts = [BEGIN, ""]
-    for folder, title in SOURCES:
-        csv_path = root / "results" / "reproduce" / folder / "comparison_seeds.csv"
+    for folder, title, in_readme in SOURCES:
+        base = root / "results" / "reproduce" / folder
+        csv_path = base / "comparison_seeds.csv"
         if not csv_path.is_file():
             continue
-        parts += [f"**{title}** ([results/reproduce/{folder}](results/reproduce/{folder}/README.md)):", "",
-                  table(csv_path), ""]
+        page = "README.md" if (base / "README.md").is_file() else "comparison.md"
+        link = f"[results/reproduce/{folder}](results/reproduce/{folder}/{page})"
+        parts += [f"**{title}** ({link}):", "", table(csv_path), ""] if in_readme else [f"**{title}**: {link}.", ""]
     parts += ["Mean ± 95% CI (t over seeds; one seed: a bootstrap over test items, in parentheses). Δ: the mean "
               "paired difference, * = its interval excludes 0 (intervals in comparison.md); adapter runs are "
               "compared with the adapter's own seq_ft. time/step and memory (peak RSS): ratios to full-model seq_ft "

@@ -77,6 +77,17 @@ def test_results_section_table_from_a_hand_made_csv(tmp_path):
     assert lines[0] == module.BEGIN and lines[-1] == module.END
 
 
+def test_results_section_links_a_comparison_kept_out_of_the_readme(tmp_path):
+    module = _results_section()
+    folder, title, in_readme = next(s for s in module.SOURCES if not s[2])
+    base = tmp_path / "results" / "reproduce" / folder
+    base.mkdir(parents=True)
+    (base / "comparison_seeds.csv").write_text("strategy,model,n_seeds,ACC_mean\nseq_ft,m,1,0.5\n")
+    lines = module.section(tmp_path).splitlines()
+    assert f"**{title}**: [results/reproduce/{folder}](results/reproduce/{folder}/comparison.md)." in lines
+    assert not any(line.startswith("| ") for line in lines)
+
+
 def test_writing_a_strategy_names_the_whole_contract():
     """Every public hook and declared fact of Strategy, every field of StrategyContext and
     every registration field appears in docs/writing_a_strategy.md (in backticks)."""
