@@ -163,6 +163,18 @@ class OpsConfig:
 
 
 @dataclass
+class PaperTableConfig:
+    """Set by a table's row presets (configs/table_row/), read by `cl-report --layout table`."""
+
+    # The table the run is a cell of (olora_standard, trace, ...); None outside a table.
+    name: Optional[str] = None
+    # The row's name as the paper prints it (SeqFT, IncLoRA, ...).
+    row: Optional[str] = None
+    # Rows are printed by rank, as in the paper.
+    rank: int = 0
+
+
+@dataclass
 class RunSettings:
     """Top-level keys that are not groups."""
 
@@ -190,4 +202,5 @@ SCHEMAS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "logger": LoggerConfig,
     "ops": OpsConfig,
+    "paper_table": PaperTableConfig,
 }

@@ -110,7 +110,7 @@ def _check_ranges(cfg: DictConfig) -> None:
         _check(ts.test_size >= 1, "task_stream.test_size", ts.test_size,
                "each task is scored on its test split, so it needs at least 1 example; use a positive integer")
         _check(ts.train_size >= 0, "task_stream.train_size", ts.train_size, "use 0 or a positive integer")
-    if ts.kind in ("trace", "olora"):
+    if ts.kind in ("trace", "olora") and not cfg.dry_run:  # a dry run plans memory; it reads no data
         _check(bool(ts.data_dir), "task_stream.data_dir", ts.data_dir,
                f"set task_stream.data_dir=/path/to/{'TRACE root (one folder per task)' if ts.kind == 'trace' else 'CL_Benchmark root (<TaskType>/<Dataset>/...)'}")
     if ts.kind == "custom":

@@ -21,6 +21,9 @@ one seed: a bootstrap over test items) and the number of seeds; `--baseline LABE
 the paired difference of every other seed group from it. These go to
 `comparison_seeds.csv` (mean/low/high columns) and `forgetting_curves.png` (mean curves
 with bands). docs/reporting.md has the rules.
+
+`--layout table` prints the runs as a paper's table instead (paper_table.py): methods as
+rows, task orders as columns plus their average (docs/tables.md).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from cl_runner.reporting.formatting import format_bytes, format_duration, format_metric, markdown_table, text_table  # noqa: F401 (re-exported)
 from cl_runner.reporting.outputs import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE
+from cl_runner.reporting.paper_table import METRIC_NAMES, paper_tables
 from cl_runner.reporting.seed_groups import is_incidental
 
 # Without these a row means nothing; a file that lacks one is reported and skipped.
@@ -121,6 +126,16 @@ class RunResult:
 # --- loading ------------------------------------------------------------------------
 
 
+def files_named(root: Path, name: str) -> list[Path]:
+    """Every file `name` under `root`, sorted, following links to folders (a sweep's
+    folder links to its jobs' run folders)."""
+    found = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        if name in files:
+            found.append(Path(folder) / name)
+    return sorted(found)
+
+
 def find_metrics_files(paths: Sequence[Path]) -> list[Path]:
     """Every metrics.json at or under the given paths, each once, in path order."""
     found: dict[Path, None] = {}
@@ -128,7 +143,7 @@ def find_metrics_files(paths: Sequence[Path]) -> list[Path]:
         if path.is_file():
             candidates = [path]
         else:
-            candidates = sorted(path.rglob(METRICS_FILE))
+            candidates = files_named(path, METRICS_FILE)
         for candidate in candidates:
             found.setdefault(candidate.resolve(), None)
     return list(found)
@@ -292,7 +307,7 @@ def find_unfinished_runs(paths: Sequence[Path]) -> list[Path]:
     for path in paths:
         if not path.is_dir():
             continue
-        for config in sorted(path.rglob(CONFIG_FILE)):
+        for config in files_named(path, CONFIG_FILE):
             folder = config.parent
             if "wandb" in config.relative_to(path).parts:
                 continue  # W&B's own files inside a run folder
@@ -594,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default=None, metavar="LABEL",
                         help="strategy label (as in the strategy column, e.g. seq_ft) to subtract from every other "
                         "seed group of the same tasks and model, paired by seed")
+    parser.add_argument("--layout", default="runs", choices=("runs", "table"),
+                        help="runs: one row per run, grouped (default); table: a paper's layout, methods as rows "
+                        "and task orders as columns plus their average, mean ± interval over seeds (table.md)")
+    parser.add_argument("--metrics", nargs="+", default=["ACC"], choices=sorted(METRIC_NAMES),
+                        help="--layout table: the metrics shown (default: ACC; TRACE's table: ACC BWT)")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
     parser.add_argument("--bootstrap-samples", type=int, default=2000,
                         help="resamples of the test items for a single seed's interval (default: 2000)")
@@ -630,6 +650,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     attach_references(runs)
     describe_differences(runs)
+    if args.layout == "table":
+        return _write_paper_table(runs, args)
     groups = {key: sort_runs(group, args.sort) for key, group in group_runs(runs).items()}
     if not 0.0 < args.level < 1.0 or args.bootstrap_samples < 1:
         print("cl-report: --level must lie in (0, 1) and --bootstrap-samples be at least 1", file=sys.stderr)
@@ -654,6 +676,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     png_path = plot_run_comparison(_plot_labels(ordered, len(groups) > 1), out / "comparison.png")
     extra = write_seed_outputs(seeds, out)
     print(f"cl-report: wrote {csv_path}, {png_path}, {', '.join(p.name for p in extra)}", file=sys.stderr)
+    return 0
+
+
+def _write_paper_table(runs: Sequence[RunResult], args: argparse.Namespace) -> int:
+    text = paper_tables(runs, args.metrics, args.level)
+    print(text)
+    first = args.paths[0]
+    out = args.out or (first.parent if first.is_file() else first)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n", encoding="utf-8")
+    print(f"cl-report: wrote {out / 'table.md'}", file=sys.stderr)
     return 0
 
 

@@ -63,6 +63,26 @@ def new_run_folder(root: Path, experiment: str, label: str, output_dir: Optional
             raise RunFolderError(f"run folder {folder} cannot be made ({err.strerror}: {err.filename})") from None
 
 
+def link_into_sweep(folder: Path) -> Optional[Path]:
+    """In a Hydra sweep (`cl-run -m`), a link to the job's run folder inside the sweep's
+    folder (beside multirun.yaml), so that `cl-report <sweep folder>` finds exactly that
+    sweep's runs; the run folder itself stays under results/<experiment_name>/. None
+    outside a sweep, or where the file system refuses links (the run goes on)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        sweep = Path(HydraConfig.get().sweep.dir)
+        sweep.mkdir(parents=True, exist_ok=True)
+        link = sweep / folder.name
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+        return link
+    except (OSError, ValueError):
+        return None
+
+
 def discard_unstarted_run(folder: Path) -> None:
     """Undo a run folder whose run failed before training (a missing model or data folder):
     remove what cl-run itself wrote there (config.yaml, environment.json, the W&B offline

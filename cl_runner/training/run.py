@@ -27,7 +27,7 @@ from cl_runner.evaluation.predict import generation_budget
 from cl_runner.models.batching import Collator
 from cl_runner.models.build import ModelBundle, build_model
 from cl_runner.models.label_space import LabelSpace
-from cl_runner.reporting.tracking import Tracker, discard_unstarted_run, make_tracker, new_run_folder
+from cl_runner.reporting.tracking import Tracker, discard_unstarted_run, link_into_sweep, make_tracker, new_run_folder
 from cl_runner.strategies import StrategyStack
 from cl_runner.strategies.registry import strategy_label
 from cl_runner.streams.build import build_monitor, build_stream
@@ -140,6 +140,7 @@ def make_run_dir(cfg: DictConfig, resuming: bool, accelerator: Any) -> Path:
         else:
             folder = new_run_folder(Path("results"), cfg.experiment_name, run_label(cfg), cfg.output_dir)
             OmegaConf.save(cfg, folder / CONFIG_FILE)
+            link_into_sweep(folder)
             holder[0] = str(folder)
     if accelerator.num_processes > 1:
         broadcast_object_list(holder)
