@@ -183,7 +183,7 @@ def load_run_config(run_folder: Path) -> dict[str, str]:
 # Keys that differ between runs without changing what is measured.
 _NOT_SETTINGS = ("output_dir", "resume", "experiment_name", "dry_run", "plan_", "logger.", "trainer.progress_bar",
                  "trainer.log_every_steps", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
-                 "task_stream.data_dir", "evaluation.save_predictions", "ops.")
+                 "task_stream.data_dir", "evaluation.save_predictions", "ops.", "paper_table.")
 
 
 def describe_differences(runs: Sequence[RunResult]) -> None:

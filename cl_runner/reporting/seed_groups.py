@@ -43,7 +43,9 @@ INCIDENTAL_KEYS = frozenset({
     "trainer.progress_bar", "trainer.log_every_steps", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
     "trainer.cpu_threads", "task_stream.data_dir", "evaluation.save_predictions",
 })
-INCIDENTAL_PREFIXES = ("logger.", "launcher.", "hydra.", "ops.", "plan_")
+# paper_table.*: where a table prints the run, not how it trains (its row preset's other keys
+# do say how, and differ where rows differ).
+INCIDENTAL_PREFIXES = ("logger.", "launcher.", "hydra.", "ops.", "plan_", "paper_table.")
 
 # metric -> (RunResult attribute, function of R for the bootstrap)
 METRICS: dict[str, tuple[str, Callable[[Any], Optional[float]]]] = {
