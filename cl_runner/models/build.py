@@ -174,5 +174,5 @@ def build_model(cfg: Any, label_space: Optional[LabelSpace] = None,
     if prompt is not None and prompt.length > 0:
         from cl_runner.models.prompts import attach_prompts
 
-        model = attach_prompts(model, prompt, cfg.kind, tokenizer, seed, prompt_source)
+        model = attach_prompts(model, prompt, cfg.kind, tokenizer, seed, prompt_source, cfg.max_length)
     return ModelBundle(model=model, tokenizer=tokenizer, kind=cfg.kind, family=family, label_space=label_space)

@@ -79,6 +79,7 @@ class SinglePrompt(nn.Module):
     def __init__(self, maker: PromptMaker) -> None:
         super().__init__()
         self.prompt = nn.Parameter(maker.vectors(1)[0])
+        self.max_virtual_tokens = maker.length
 
     def forward(self, inputs_embeds: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         return self.prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(inputs_embeds.shape[0], -1, -1)
@@ -197,7 +198,7 @@ SourceFactory = Callable[[PromptMaker], Optional[nn.Module]]
 
 
 def attach_prompts(model: nn.Module, options: Any, kind: str, tokenizer: Any, seed: int,
-                   make_source: Optional[SourceFactory] = None) -> nn.Module:
+                   make_source: Optional[SourceFactory] = None, max_length: Optional[int] = None) -> nn.Module:
     """`model` wrapped in a PromptedModel with the strategy's prompt source (`make_source`),
     or one prompt for every input when the strategy brings none (prompt tuning)."""
     check_prompt_options(options)
@@ -214,4 +215,26 @@ def attach_prompts(model: nn.Module, options: Any, kind: str, tokenizer: Any, se
     source = make_source(maker) if make_source is not None else None
     if source is None:
         source = SinglePrompt(maker)
+    check_positions(model.config, max_length, virtual_tokens(source))
     return PromptedModel(model, source.to(table.device), kind)
+
+
+def virtual_tokens(source: nn.Module) -> int:
+    """The most virtual tokens the source puts in front of an input."""
+    return int(getattr(source, "max_virtual_tokens", 0))
+
+
+def check_positions(model_config: Any, max_length: Optional[int], virtual: int) -> None:
+    """Inputs of model.max_length tokens plus the virtual tokens must fit the model's
+    positions (T5's relative positions name no limit)."""
+    from cl_runner.config.validate import position_limit
+
+    limit = position_limit(model_config)
+    if limit is None or max_length is None:
+        return
+    positions, key = limit
+    if max_length + virtual > positions:
+        raise ConfigError(bad_value("model.max_length", max_length,
+                                    f"the soft prompts add {virtual} virtual tokens and the model has {positions} "
+                                    f"positions ({key}); use model.max_length<={positions - virtual} or a shorter "
+                                    "model.prompt.length"))

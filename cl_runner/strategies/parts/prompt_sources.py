@@ -59,6 +59,7 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(prompts)  # (M, L, d)
         self.top_k = top_k
         self.query = query
+        self.max_virtual_tokens = top_k * prompts.shape[1]
         # learned: keys of their own, starting at the mean of their prompt's vectors (the
         # value TRACE's key has); prompt_mean: the key is the prompt's mean (TRACE).
         self.keys = nn.Parameter(prompts.mean(dim=1).clone()) if key == "learned" else None
@@ -120,6 +121,7 @@ class ProgressivePrompts(nn.Module):
         self.prompts = nn.ParameterList([nn.Parameter(p.clone()) for p in prompts])  # T x (L, d)
         width = prompts.shape[-1]
         self.mlp = ResidualMLP(width, bottleneck, reparameterize) if reparameterize != "none" else None
+        self.max_virtual_tokens = prompts.shape[0] * prompts.shape[1]
         self.current = 0  # the task training (or last trained)
         self.finished = 0  # tasks whose prompt is final (folded)
 
