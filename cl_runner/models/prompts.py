@@ -37,6 +37,8 @@ from cl_runner.errors import ConfigError, bad_value
 IGNORE = -100
 INITS = ("vocab", "text")
 PROMPT_FILE = "soft_prompts.safetensors"  # beside model.safetensors in final_model/
+# Why trainer.sharding=fsdp is refused with soft prompts (config validation, the prompt strategies).
+SHARDING_REFUSAL = "soft prompts wrap the whole model, which trainer.sharding=fsdp does not shard yet"
 
 
 @dataclass

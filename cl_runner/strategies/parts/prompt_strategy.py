@@ -6,13 +6,14 @@ from typing import Any
 
 from torch import nn
 
+from cl_runner.models.prompts import SHARDING_REFUSAL
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.memory import PlanInputs
 
 # The one-line refusals of their registrations.
 NO_ADAPTERS = ("it trains soft prompts on a frozen backbone (model.prompt), and a LoRA would be a second trainable "
                "part the method does not have")
-NO_SHARDING = "its soft prompts wrap the whole model, which trainer.sharding=fsdp does not shard yet"
+NO_SHARDING = SHARDING_REFUSAL
 
 
 class PromptStrategy(Strategy):
