@@ -22,6 +22,21 @@ class LoraOptions:
 
 
 @dataclass
+class PromptOptions:
+    """Soft prompts on a frozen backbone (cl_runner/models/prompts.py, docs/models.md):
+    virtual tokens put in front of the input embeddings. length 0 = none. A prompt strategy
+    (l2p, prog_prompt) decides how many prompts there are and which an input gets; without
+    one, every input gets one prompt of this length (prompt tuning, Lester et al. 2021)."""
+
+    # Virtual tokens per prompt; 0 = no soft prompt.
+    length: int = 0
+    # vocab: rows of randomly drawn vocabulary tokens (TRACE's init_new_prompt) | text: the
+    # embeddings of `text`'s tokens, repeated to the length.
+    init: str = "vocab"
+    text: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_gpt2"
     # causal (GPT-2/LLaMA/Qwen), seq2seq (T5), classifier (BERT-style encoder + head)
@@ -52,6 +67,7 @@ class ModelConfig:
     # (PEFT) on frozen base weights; a classifier's head trains too (docs/adapters.md).
     adapter: str = "none"
     lora: LoraOptions = field(default_factory=LoraOptions)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
 
 
 # ---------------------------------------------------------------------- task streams

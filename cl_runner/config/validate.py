@@ -130,6 +130,17 @@ def _check_ranges(cfg: DictConfig) -> None:
         _check_gguf_file(m)
     _check(m.max_length >= 8, "model.max_length", m.max_length, "use at least 8 tokens")
     _check_lora(m, tr)
+    _check_prompt(m, tr)
+
+
+def _check_prompt(m: DictConfig, tr: DictConfig) -> None:
+    """model.prompt.* ranges, and soft prompts against sharding."""
+    from cl_runner.models.prompts import SHARDING_REFUSAL, check_prompt_options
+
+    check_prompt_options(m.prompt)
+    if m.prompt.length > 0 and tr.sharding == "fsdp":
+        raise ConfigError(f"model.prompt.length={m.prompt.length} cannot run with trainer.sharding=fsdp: "
+                          f"{SHARDING_REFUSAL}; use trainer.sharding=none")
 
 
 def _check_lora(m: DictConfig, tr: DictConfig) -> None:

@@ -146,9 +146,11 @@ def _pretrained(cfg: Any, num_labels: Optional[int]) -> tuple[nn.Module, Any]:
 
 
 def build_model(cfg: Any, label_space: Optional[LabelSpace] = None,
-                adapter_names: Optional[list[str]] = None) -> ModelBundle:
+                adapter_names: Optional[list[str]] = None, prompt_source: Any = None, seed: int = 0) -> ModelBundle:
     """The model as `cfg` describes it; with model.adapter=lora, wrapped in PEFT with one LoRA
-    per name in `adapter_names` (None: one adapter), base weights frozen."""
+    per name in `adapter_names` (None: one adapter), base weights frozen; with
+    model.prompt.length > 0, wrapped with soft prompts (models/prompts.py) made by
+    `prompt_source(maker)` (a strategy's; None: one prompt), backbone frozen."""
     if cfg.kind == "classifier" and label_space is None:
         raise ModelLoadError("model.kind=classifier needs the stream's label space")
     num_labels = len(label_space) if label_space is not None else None
@@ -168,4 +170,9 @@ def build_model(cfg: Any, label_space: Optional[LabelSpace] = None,
         from cl_runner.models.adapters import attach_lora
 
         model = attach_lora(model, cfg.lora, cfg.kind, family, adapter_names)
+    prompt = getattr(cfg, "prompt", None)
+    if prompt is not None and prompt.length > 0:
+        from cl_runner.models.prompts import attach_prompts
+
+        model = attach_prompts(model, prompt, cfg.kind, tokenizer, seed, prompt_source, cfg.max_length)
     return ModelBundle(model=model, tokenizer=tokenizer, kind=cfg.kind, family=family, label_space=label_space)

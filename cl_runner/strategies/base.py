@@ -105,6 +105,13 @@ class Strategy:
         (O-LoRA: one per task), or None for one adapter trained throughout."""
         return None
 
+    def prompt_source(self, maker: Any, num_tasks: int) -> Optional[nn.Module]:
+        """With model.prompt.length > 0: the module that gives each input its soft prompts
+        (`forward(inputs_embeds, query_mask) -> (B, P, d)`, made with `maker`, a
+        models.prompts.PromptMaker), created before the model is wrapped; None for one
+        prompt for every input (prompt tuning)."""
+        return None
+
     def setup(self, ctx: StrategyContext) -> None:
         self.ctx = ctx
 

@@ -80,6 +80,9 @@ class StrategyStack(Strategy):
     def adapter_names(self, num_tasks: int) -> Optional[list[str]]:
         return self._single_choice("adapter_names", num_tasks)
 
+    def prompt_source(self, maker: Any, num_tasks: int) -> Optional[nn.Module]:
+        return self._single_choice("prompt_source", maker, num_tasks)
+
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
         for m in self.members:

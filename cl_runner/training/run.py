@@ -215,7 +215,9 @@ def build_run(cfg: DictConfig, strategy: StrategyStack, resuming: bool = False,
         label_space = LabelSpace(TaskStream(name=stream.name, tasks=scored), cfg.model.head_sharing) \
             if cfg.model.kind == "classifier" else None
         # The strategy may ask for several adapters (O-LoRA: one per task) before the wrap.
-        bundle = build_model(cfg.model, label_space, strategy.adapter_names(len(stream)))
+        # ...and its soft prompts' source (L2P: a pool; ProgPrompt: one prompt per task).
+        bundle = build_model(cfg.model, label_space, strategy.adapter_names(len(stream)),
+                             prompt_source=lambda maker: strategy.prompt_source(maker, len(stream)), seed=cfg.seed)
         check_built(cfg, stream, scored, bundle)
         collate = Collator(cfg.model.kind, bundle.tokenizer, cfg.model.max_length, label_space,
                            device=accelerator.device)
