@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Mapping
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +16,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from cl_runner.config.schema import SCHEMAS, RunSettings
 from cl_runner.errors import ConfigError, require, require_choice
+from cl_runner.models.positions import position_limit
 from cl_runner.strategies import registry
 
 # Keys Hydra or the launcher group may leave at the top level.
@@ -195,20 +195,6 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 
 # ----------------------------------------------------- checks that span several groups
-# Keys of a transformers model config that hold its number of (absolute) positions.
-POSITION_LIMIT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
-
-
-def position_limit(model_config: Any) -> Optional[tuple[int, str]]:
-    """(positions, key) from a model config (a mapping such as model.architecture_config,
-    or a transformers config); None when it names none (T5's relative positions)."""
-    for key in POSITION_LIMIT_KEYS:
-        value = model_config.get(key) if isinstance(model_config, Mapping) else getattr(model_config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value, key
-    return None
-
-
 def check_lengths(cfg: Any, limit: Optional[tuple[int, str]], source: str) -> None:
     """model.max_length against the model's positions (`source`: where `limit` was read),
     and a fixed generation budget against model.max_length."""

@@ -229,7 +229,7 @@ def virtual_tokens(source: nn.Module) -> int:
 def check_positions(model_config: Any, max_length: Optional[int], virtual: int) -> None:
     """Inputs of model.max_length tokens plus the virtual tokens must fit the model's
     positions (T5's relative positions name no limit)."""
-    from cl_runner.config.validate import position_limit
+    from cl_runner.models.positions import position_limit
 
     limit = position_limit(model_config)
     if limit is None or max_length is None:

@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cl_runner.checkpoints.adapter import FrozenBase
-from cl_runner.config.validate import check_epochs, check_lengths, check_task_budget, position_limit
+from cl_runner.config.validate import check_epochs, check_lengths, check_task_budget
 from cl_runner.errors import ConfigError, bad_value
 from cl_runner.evaluation.predict import generation_budget
 from cl_runner.models.batching import Collator
 from cl_runner.models.build import ModelBundle, build_model
 from cl_runner.models.label_space import LabelSpace
+from cl_runner.models.positions import position_limit
 from cl_runner.reporting.tracking import Tracker, discard_unstarted_run, link_into_sweep, make_tracker, new_run_folder
 from cl_runner.strategies import StrategyStack
 from cl_runner.strategies.registry import strategy_label
