@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from cl_runner.errors import ConfigError
-from cl_runner.config.validate import check_lengths, position_limit, validate  # position_limit: re-exported there
+from cl_runner.config.validate import check_lengths, position_limit, validate
 from cl_runner.reporting.tracking import RunFolderError, new_run_folder
 from tests.helpers import compose
 
