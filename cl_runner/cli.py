@@ -113,6 +113,28 @@ def interrupted_line(run_dir: Optional[Path], where: str) -> str:
     return f"interrupted {where}; cl-run resume={run_dir} continues from {point}"
 
 
+# Above this many parameters a run without a GPU takes hours a task: the paper presets
+# (T5-large 738M, LLaMA-2-7B) say so at start instead of silently crawling.
+GPU_SIZED_PARAMS = 500_000_000
+
+
+def warn_if_gpu_sized_on_cpu(cfg: DictConfig) -> None:
+    import torch
+
+    if torch.cuda.is_available() or cfg.model.gguf_file:  # a GGUF's header takes seconds to read: not at every start
+        return
+    from cl_runner.memory_plan import model_facts
+
+    try:
+        params = model_facts(cfg.model).params  # a meta-device build: no weights read
+    except Exception:  # noqa: BLE001 - the run's own model build reports what is wrong
+        return
+    if params >= GPU_SIZED_PARAMS:
+        print(f"[cl-run] warning: model '{cfg.model.name}' has {params / 1e9:.2f}B parameters and no GPU is visible; "
+              "on CPU a task takes hours to days. This setting is meant for GPUs (cl-run dry_run=true "
+              "plan_gpu_memory_gb=<GiB> says what fits).", file=sys.stderr, flush=True)
+
+
 def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """One run from a composed config (`overrides`: the command line's, checked on
     resume); returns its metrics. Every check that needs nothing built runs first (the
@@ -128,6 +150,7 @@ def execute(raw: DictConfig, overrides: Optional[list[str]] = None) -> dict[str,
         print(OmegaConf.to_yaml(cfg))
         plan = print_memory_plan(cfg)  # will it fit: per-rank memory from a meta-device model
         return {"memory_plan": plan.as_dict()} if plan is not None else {}
+    warn_if_gpu_sized_on_cpu(cfg)
     from cl_runner.reporting.environment import apply_cpu_threads
 
     apply_cpu_threads(cfg.trainer.cpu_threads)  # first, before any parallel work in this process

@@ -297,3 +297,19 @@ def test_the_interrupted_line_says_where_and_what_a_resume_does(tmp_path):
     assert interrupted_line(run, "in the evaluation after task 1/2 'copy'") == (
         f"interrupted in the evaluation after task 1/2 'copy'; cl-run resume={run} continues from "
         "checkpoints/task000_done.pt (end of task 1)")
+
+
+def test_a_gpu_sized_model_without_a_gpu_is_said_at_start(capsys, monkeypatch):
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from cl_runner.cli import warn_if_gpu_sized_on_cpu
+    from tests.helpers import REPO
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        big, tiny = (compose(config_name="config", overrides=[f"model={m}"]) for m in ("t5_large", "tiny_gpt2"))
+    warn_if_gpu_sized_on_cpu(tiny)
+    assert capsys.readouterr().err == ""
+    warn_if_gpu_sized_on_cpu(big)
+    assert "model 't5_large' has 0.74B parameters and no GPU is visible" in capsys.readouterr().err
