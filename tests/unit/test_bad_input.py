@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cl_runner.errors import ConfigError
 from cl_runner.config.validate import check_lengths, position_limit, validate
+from cl_runner.errors import ConfigError
 from cl_runner.reporting.tracking import RunFolderError, new_run_folder
 from tests.helpers import compose
 
@@ -127,8 +127,8 @@ def test_auto_named_folders_started_at_once_get_a_name_each(tmp_path):
 # ------------------------------------------------------------------ prompts that do not fit
 def test_prompts_cut_to_fit_max_length_are_counted():
     from cl_runner.models.batching import Collator
-    from cl_runner.streams.task import Example
     from cl_runner.models.tokenizers import ByteTokenizer
+    from cl_runner.streams.task import Example
 
     examples = [Example("short=", "ab"), Example("x" * 30 + "=", "ab"), Example("y" * 12, "abcdef")]
     causal = Collator("causal", ByteTokenizer(), max_length=16)
@@ -144,9 +144,9 @@ def test_prompts_cut_to_fit_max_length_are_counted():
 
 def test_the_loop_warns_once_per_task_with_the_counts(capsys):
     from cl_runner.models.batching import Collator
-    from cl_runner.training.loop import ContinualLoop
-    from cl_runner.streams.task import Example, Task
     from cl_runner.models.tokenizers import ByteTokenizer
+    from cl_runner.streams.task import Example, Task
+    from cl_runner.training.loop import ContinualLoop
 
     long, short = Example("z" * 40 + "=", "ab", "t"), Example("a=", "ab", "t")
     tasks = [Task("fits", [short] * 3, [short], max_new_tokens=4),
