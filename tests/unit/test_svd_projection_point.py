@@ -1,6 +1,6 @@
 """svd_orthogonal's projection_point (both | update | gradient) and measure_drift: what each
-point projects, the drift of a task's update under AdamW, state and resume, the memory plan,
-the phases it marks; and the batched importance forwards against the batch-of-one ones."""
+point projects, the drift of a task's update under AdamW, state and resume, the FSDP path,
+the memory plan, the phases it marks."""
 from __future__ import annotations
 
 import io
@@ -12,9 +12,8 @@ import torch
 from cl_runner.errors import ConfigError
 from cl_runner.strategies.svd_orthogonal import SVDOrthogonal
 from cl_runner.strategies.svd_orthogonal.drift import update_drift
-from cl_runner.strategies.svd_orthogonal.rank import adaptive_ranks, importance_order, layer_importances
 from cl_runner.training import phases
-from tests.unit.test_svd_orthogonal import (build, make_collate, make_config, make_ctx, make_stream, new_optimizer,
+from tests.unit.test_svd_orthogonal import (build, make_config, make_ctx, make_stream, new_optimizer,
                                             run_task, tiny, top_k, train_steps)
 
 RATIO = {"rank": {"mode": "ratio"}}  # k = floor(32 * 0.75) = 24 on the tiny models
@@ -194,57 +193,6 @@ def test_phases_name_where_the_time_goes():
         run_task(strategy, model, ctx, 0, steps=2)
     assert "svd_orthogonal/project_gradient" not in table.as_dict()
     assert table.as_dict()["svd_orthogonal/project_update"]["calls"] == 2
-
-
-# --------------------------------------------------------------------- batched importance
-def _importances(family: str, batch_size: int, collate=None, n: int = 10):
-    model, kind = tiny(family)
-    stream = make_stream(1, n)
-    strategy = SVDOrthogonal(make_config())
-    ctx = make_ctx(model, kind, family, stream)
-    strategy.setup(ctx)
-    examples = list(stream[0].train)
-    # uneven lengths, so the batches pad
-    examples = [type(e)(e.prompt + "x" * (3 * i % 7), e.answer) for i, e in enumerate(examples)]
-    return layer_importances(model, [tg.module for tg in strategy.targets], examples, collate or ctx.collate,
-                             strategy._forward, ctx.accelerator.autocast, batch_size=batch_size), strategy
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
-def test_batched_importances_equal_the_batch_of_one(family):
-    one, strategy = _importances(family, 1)
-    batched, _ = _importances(family, 4)  # 10 examples: batches of 4, 4, 2 with padding
-    assert batched == pytest.approx(one, abs=2e-6)
-    dims = [tg.rank_dim for tg in strategy.targets]
-    assert adaptive_ranks(batched, dims, 0.1, 0.8) == adaptive_ranks(one, dims, 0.1, 0.8)
-
-
-def test_a_batch_without_attention_mask_runs_one_example_at_a_time():
-    collate = make_collate("causal")
-
-    def unmasked(examples):  # no mask to take the padding out of a batch's means
-        return {k: v for k, v in collate(examples).items() if k != "attention_mask"}
-
-    one, _ = _importances("llama", 1)
-    fallback, _ = _importances("llama", 4, collate=unmasked)
-    assert fallback == one  # every batch re-run per example: the batch-of-one numbers exactly
-
-
-def test_importance_order_is_longest_first_and_stable():
-    from cl_runner.streams.task import Example
-
-    examples = [Example("ab", "c"), Example("abcd", "e"), Example("a", "bc"), Example("abc", "de")]
-    assert importance_order(examples) == [1, 3, 0, 2]
-
-
-def test_seq2seq_importances_run_one_example_a_forward():
-    strategy, _, _ = build("t5", **{"rank": {"importance_batch_size": 8}})
-    assert strategy._importance_batch_size() == 1
-    strategy, _, _ = build("llama", **{"rank": {"importance_batch_size": 8}})
-    assert strategy._importance_batch_size() == 8
-    strategy, _, _ = build("llama")
-    strategy._eval_batch_size = 20
-    assert strategy._importance_batch_size() == 20
 
 
 @pytest.mark.parametrize("point", ["update", "gradient"])
