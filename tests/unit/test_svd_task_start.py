@@ -119,3 +119,26 @@ def test_the_svd_method_changes_neither_k_nor_the_constraint():
     assert reports["exact"]["k_per_target"] == reports["randomized"]["k_per_target"]
     exact, randomized = (reports[m]["tasks"][0]["svd_residual_fro_mean"] for m in ("exact", "randomized"))
     assert exact <= randomized <= 1.02 * exact
+
+
+def test_randomized_is_chosen_per_target_not_per_shape(monkeypatch):
+    """svd_method=randomized: a target whose own k + oversample <= r/2 is sketched even when
+    another target of its shape needs the exact SVD; each weight is decomposed once."""
+    calls = []
+    real = ops.top_k_bases
+
+    def recording(weights, ks, method="exact", **kwargs):
+        calls.append((method, [tuple(w.shape) for w in weights], list(ks)))
+        return real(weights, ks, method=method, **kwargs)
+
+    monkeypatch.setattr(ops, "top_k_bases", recording)
+    strategy, model, ctx = build("llama", svd_method="randomized", svd_oversample=2)
+    strategy.before_task(0, ctx.stream[0])
+    by_method = {method: (shapes, ks) for method, shapes, ks in calls}
+    assert sorted(by_method) == ["exact", "randomized"] and len(calls) == 2
+    assert sum(len(shapes) for shapes, _ in by_method.values()) == len(strategy.targets)
+    for method, (shapes, ks) in by_method.items():
+        for shape, k in zip(shapes, ks):
+            assert (2 * (k + 2) <= min(shape)) == (method == "randomized"), (method, shape, k)
+    sketched = {shape for shape, _ in zip(*by_method["randomized"])}
+    assert sketched & set(by_method["exact"][0])  # one shape, both methods

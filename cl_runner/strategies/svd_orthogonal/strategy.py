@@ -284,12 +284,9 @@ class SVDOrthogonal(Strategy):
         weights = [tg.param.detach() for tg in self.targets]
         c = self.config
         with phase("svd_orthogonal/svd"):
-            # One SVD per target, same shapes batched (ops.top_k_bases); the ranks are known
-            # before it runs, so nothing is decomposed twice.
-            bases, stats = ops.top_k_bases(weights, ks, method=c.svd_method,
-                                           oversample=c.svd_oversample,
-                                           power_iters=c.svd_power_iters, out_dtype=torch.float32,
-                                           return_stats=True, seed=self.ctx.seed + t)
+            # One decomposition per target, same shapes batched; the ranks are known before
+            # it runs, so nothing is decomposed twice.
+            bases, residuals = self._decompose(weights, ks, self.ctx.seed + t)
             named = {tg.name: (u, v) for tg, (u, v) in zip(self.targets, bases)}
             if c.bases == "accumulate":
                 named = self._accumulate(named)
@@ -310,7 +307,32 @@ class SVDOrthogonal(Strategy):
         self._in_task, self._task = True, t
         k_pairs = [(int(named[tg.name][0].shape[1]), int(named[tg.name][1].shape[1])) for tg in self.targets]
         self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
-                     time.perf_counter() - started, sum(stats.residual_fro) / len(stats.residual_fro))
+                     time.perf_counter() - started, sum(residuals) / len(residuals))
+
+    def _decompose(self, weights: list[torch.Tensor], ks: list[int], seed: int):
+        """(U, V) per weight and its relative Frobenius residual. exact: batched SVDs by shape.
+        randomized: the range finder for every target whose own k + oversample <= r/2 (where
+        it is cheaper than an exact SVD, measured on CPU: docs/extension.md), batched by shape
+        among those; the exact SVD for the rest. Choosing per target rather than per shape
+        lets the small-k targets of adaptive ranks use the sketch even when their shape's
+        largest k cannot (ops.top_k_bases sizes one sketch per shape by its largest k)."""
+        c = self.config
+        options = dict(oversample=c.svd_oversample, power_iters=c.svd_power_iters, out_dtype=torch.float32,
+                       return_stats=True, seed=seed)
+        if c.svd_method == "exact":
+            bases, stats = ops.top_k_bases(weights, ks, method="exact", **options)
+            return bases, list(stats.residual_fro)
+        sketched = [2 * (k + c.svd_oversample) <= min(w.shape) for w, k in zip(weights, ks)]
+        bases: list = [None] * len(weights)
+        residuals = [0.0] * len(weights)
+        for method, wanted in (("randomized", True), ("exact", False)):
+            idx = [i for i, s in enumerate(sketched) if s == wanted]
+            if not idx:
+                continue
+            got, stats = ops.top_k_bases([weights[i] for i in idx], [ks[i] for i in idx], method=method, **options)
+            for j, i in enumerate(idx):
+                bases[i], residuals[i] = got[j], stats.residual_fro[j]
+        return bases, residuals
 
     def _sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
                        started: float, svd_started: float) -> None:
