@@ -140,7 +140,7 @@ class SVDOrthogonalConfig:
     projection_point: str = "both"
     # After each task, report how much of the task's update lies where the constraint
     # forbids it (Uᵀ ΔW V and the whole preserved part); keeps a copy of the targets from the
-    # task start. Unsharded runs only.
+    # task start (not checkpointed: a task resumed mid-way reports none). Unsharded runs only.
     measure_drift: bool = False
     # current: top-k of the current W per task; accumulate: union over past tasks.
     bases: str = "current"
@@ -619,6 +619,10 @@ class _ProjectionClock:
             project()
             end.record()
             self._pending.append((start, end))
+            if len(self._pending) >= 1024:  # a long task: fold in the pairs already done
+                finished = [end.query() for _, end in self._pending]
+                self.seconds += sum(a.elapsed_time(b) for (a, b), f in zip(self._pending, finished) if f) / 1000.0
+                self._pending = [pair for pair, f in zip(self._pending, finished) if not f]
             return
         started = time.perf_counter()
         project()
