@@ -232,3 +232,45 @@ def test_points_on_the_fsdp_sharded_path(point):
             assert (leak < 1e-5) if point == "update" else (leak > 1e-3), (tg.name, leak)
     finally:
         dist.destroy_process_group()
+
+
+def test_projection_clock_waits_for_the_device_only_when_read(monkeypatch):
+    """On CUDA the clock records an event pair per call and reads them when settled (or in
+    bulk on a long task), never synchronising inside the step."""
+    from cl_runner.strategies.svd_orthogonal import strategy as module
+
+    class FakeEvent:
+        waits = 0
+
+        def __init__(self, enable_timing: bool) -> None:
+            self.at = None
+
+        def record(self) -> None:
+            self.at = FakeEvent.now
+
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            FakeEvent.waits += 1
+
+        def elapsed_time(self, end) -> float:  # milliseconds
+            return end.at - self.at
+
+    FakeEvent.now = 0.0
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+
+    def work():
+        FakeEvent.now += 250.0
+
+    clock = module._ProjectionClock(1.0)
+    for _ in range(3):
+        clock.time(work, torch.device("cuda"))
+    assert FakeEvent.waits == 0 and clock.seconds == 1.0
+    assert clock.settle() == pytest.approx(1.75) and FakeEvent.waits == 3
+    for _ in range(1024):  # a long task folds the finished pairs in without waiting
+        clock.time(work, torch.device("cuda"))
+    assert clock._pending == [] and clock.seconds == pytest.approx(1.75 + 256.0) and FakeEvent.waits == 3
+    cpu = module._ProjectionClock()
+    cpu.time(lambda: None, torch.device("cpu"))
+    assert 0.0 <= cpu.settle() < 1.0
