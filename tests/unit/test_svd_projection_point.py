@@ -179,18 +179,32 @@ def test_gradient_point_keeps_less_state_and_the_plan_counts_it():
 
 
 # --------------------------------------------------------------------- phases
+def _marked(strategy):
+    """Wrap the PHASES methods in phase(...), as scripts/profile_strategy.py does."""
+    from cl_runner.strategies.svd_orthogonal.strategy import PHASES
+
+    for method, name in PHASES.items():
+        original = getattr(strategy, method)
+
+        def marked(*args, _original=original, _name=name, **kwargs):
+            with phases.phase(_name):
+                return _original(*args, **kwargs)
+        setattr(strategy, method, marked)
+    return strategy
+
+
 def test_phases_name_where_the_time_goes():
-    strategy, model, ctx = build("llama")  # adaptive ranks: the importance pass runs
+    strategy, model, ctx = build("llama", measure_drift=True)  # adaptive ranks: the importance pass runs
     with phases.recording() as table:
-        run_task(strategy, model, ctx, 0, steps=2)
+        run_task(_marked(strategy), model, ctx, 0, steps=2)
     seen = table.as_dict()
-    for name in ("importance", "svd", "pack"):
+    for name in ("importance", "svd", "pack", "measure_drift"):
         assert seen[f"svd_orthogonal/{name}"]["calls"] == 1, name
     for name in ("project_gradient", "project_update"):
         assert seen[f"svd_orthogonal/{name}"]["calls"] == 2, name
     strategy, model, ctx = build("llama", projection_point="update", **RATIO)
     with phases.recording() as table:
-        run_task(strategy, model, ctx, 0, steps=2)
+        run_task(_marked(strategy), model, ctx, 0, steps=2)
     assert "svd_orthogonal/project_gradient" not in table.as_dict()
     assert table.as_dict()["svd_orthogonal/project_update"]["calls"] == 2
 

@@ -60,7 +60,6 @@ from cl_runner.strategies.svd_orthogonal.rank import (
 )
 from cl_runner.strategies.svd_orthogonal.targets import Target, find_targets
 from cl_runner.streams.task import Task
-from cl_runner.training.phases import phase
 
 RANK_MODES = ("adaptive", "ratio")
 FIRST_TASK = ("full", "constrained")
@@ -70,6 +69,18 @@ SVD_METHODS = ("exact", "randomized")
 # both: gradient projected after backward and the update re-projected after the step;
 # update: only the update (exact constraint, one projection); gradient: only the gradient.
 PROJECTION_POINTS = ("both", "update", "gradient")
+# The methods that hold each part of the cost, and the phase a profiler reports them under
+# (strategies may not import the training room, so scripts/profile_strategy.py wraps these
+# methods of the built strategy in `phase(...)`).
+PHASES = {
+    "choose_ranks": "svd_orthogonal/importance",  # adaptive ranks: the importance forwards
+    "decompose": "svd_orthogonal/svd",  # the top-k SVDs, same shapes batched
+    "sharded_bases": "svd_orthogonal/svd",  # trainer.sharding=fsdp: gather, SVD, scatter per target
+    "pack_bases": "svd_orthogonal/pack",  # stacked bases, complements, anchors, gradient views
+    "project_gradients": "svd_orthogonal/project_gradient",
+    "project_update": "svd_orthogonal/project_update",
+    "record_drift": "svd_orthogonal/measure_drift",
+}
 # Importance forwards per batch outside cl-run (cl-run passes evaluation.batch_size, whose
 # default this is).
 _DEFAULT_IMPORTANCE_BATCH = 64
@@ -274,34 +285,19 @@ class SVDOrthogonal(Strategy):
                          0.0, 0.0, 0.0, 1.0)
             return
         started = time.perf_counter()
-        with phase("svd_orthogonal/importance"):
-            ks, source, importance_seconds = self._choose_ranks(t, task)
+        ks, source, importance_seconds = self.choose_ranks(t, task)
         svd_started = time.perf_counter()
         if self.sharded is not None:
-            with phase("svd_orthogonal/svd"):
-                self._sharded_bases(t, task, ks, source, importance_seconds, started, svd_started)
+            self.sharded_bases(t, task, ks, source, importance_seconds, started, svd_started)
             return
         weights = [tg.param.detach() for tg in self.targets]
-        c = self.config
-        with phase("svd_orthogonal/svd"):
-            # One decomposition per target, same shapes batched; the ranks are known before
-            # it runs, so nothing is decomposed twice.
-            bases, residuals = self._decompose(weights, ks, self.ctx.seed + t)
-            named = {tg.name: (u, v) for tg, (u, v) in zip(self.targets, bases)}
-            if c.bases == "accumulate":
-                named = self._accumulate(named)
-        with phase("svd_orthogonal/pack"):
-            # Stacked bases (complements where k > dim/2); the weight anchors only where the
-            # update is projected, the gradient views only where the gradient is.
-            self.groups.set_bases(named)
-            if self.projects_update:
-                self.groups.snapshot_weights()
-            if self.projects_gradient:
-                self.groups.attach_grads()
-            if c.measure_drift:
-                self._drift_start = [w.clone() for w in weights]
-                self._drift_bases = [named[tg.name] for tg in self.targets]
-            _sync(weights[0].device)
+        # One decomposition per target, same shapes batched; the ranks are known before it
+        # runs, so nothing is decomposed twice.
+        bases, residuals = self.decompose(weights, ks, self.ctx.seed + t)
+        named = {tg.name: (u, v) for tg, (u, v) in zip(self.targets, bases)}
+        if self.config.bases == "accumulate":
+            named = self._accumulate(named)
+        self.pack_bases(named, weights)
         svd_seconds = time.perf_counter() - svd_started
         self._freeze_untargeted()
         self._in_task, self._task = True, t
@@ -309,7 +305,20 @@ class SVDOrthogonal(Strategy):
         self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
                      time.perf_counter() - started, sum(residuals) / len(residuals))
 
-    def _decompose(self, weights: list[torch.Tensor], ks: list[int], seed: int):
+    def pack_bases(self, named: dict[str, tuple[torch.Tensor, torch.Tensor]], weights: list[torch.Tensor]) -> None:
+        """Stacked bases (complements where k > dim/2); the weight anchors only where the
+        update is projected, the gradient views only where the gradient is."""
+        self.groups.set_bases(named)
+        if self.projects_update:
+            self.groups.snapshot_weights()
+        if self.projects_gradient:
+            self.groups.attach_grads()
+        if self.config.measure_drift:
+            self._drift_start = [w.clone() for w in weights]
+            self._drift_bases = [named[tg.name] for tg in self.targets]
+        _sync(weights[0].device)
+
+    def decompose(self, weights: list[torch.Tensor], ks: list[int], seed: int):
         """(U, V) per weight and its relative Frobenius residual. exact: batched SVDs by shape.
         randomized: the range finder for every target whose own k + oversample <= r/2 (where
         it is cheaper than an exact SVD, measured on CPU: docs/extension.md), batched by shape
@@ -334,7 +343,7 @@ class SVDOrthogonal(Strategy):
                 bases[i], residuals[i] = got[j], stats.residual_fro[j]
         return bases, residuals
 
-    def _sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
+    def sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
                        started: float, svd_started: float) -> None:
         """The task's bases on FSDP-sharded targets: each SVD on one rank in turn."""
         import torch.distributed as dist
@@ -364,7 +373,7 @@ class SVDOrthogonal(Strategy):
         self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
                      time.perf_counter() - started, float(summed.sum()) / len(self.targets))
 
-    def _choose_ranks(self, t: int, task: Task) -> tuple[list[int], str, float]:
+    def choose_ranks(self, t: int, task: Task) -> tuple[list[int], str, float]:
         r = self.config.rank
         dims = [tg.rank_dim for tg in self.targets]
         if r.mode == "ratio":
@@ -449,36 +458,36 @@ class SVDOrthogonal(Strategy):
         if not self._in_task:
             return
         self._steps += 1
-        if not self.projects_gradient:
-            return
+        if self.projects_gradient:
+            self.project_gradients()
+
+    def project_gradients(self) -> None:
         impl = self.sharded if self.sharded is not None else self.groups
-        with phase("svd_orthogonal/project_gradient"):
-            self._grad_clock.time(impl.project_grads_, self.targets[0].param.device)
+        self._grad_clock.time(impl.project_grads_, self.targets[0].param.device)
 
     def before_optimizer_step(self) -> None:
         if self._in_task and self.projects_update and self.sharded is not None:
-            with phase("svd_orthogonal/remember_weights"):
-                self.sharded.remember_weights()
+            self.sharded.remember_weights()
 
     def after_optimizer_step(self) -> None:
-        if not self._in_task or not self.projects_update:
-            return
-        # the step's weight update, projected back (ShardedSubspaces / ProjectionGroups)
+        if self._in_task and self.projects_update:
+            self.project_update()
+
+    def project_update(self) -> None:
+        """The step's weight update, projected back (ShardedSubspaces / ProjectionGroups)."""
         update = self.sharded.project_update_ if self.sharded is not None else self.groups.project_weight_update_
-        with phase("svd_orthogonal/project_update"):
-            self._update_clock.time(update, self.targets[0].param.device)
+        self._update_clock.time(update, self.targets[0].param.device)
 
     def after_task(self, t: int, task: Task) -> None:
         if self._in_task and self._drift_start is not None:
-            with phase("svd_orthogonal/measure_drift"):
-                self._record_drift(t)
+            self.record_drift(t)
         self._drift_start = self._drift_bases = None
         self._unfreeze()
         self._in_task = False
         self._grad_clock.settle()
         self._update_clock.settle()
 
-    def _record_drift(self, t: int) -> None:
+    def record_drift(self, t: int) -> None:
         """How far the task's update ΔW left the allowed set, relative to ||ΔW||_F, per
         target: block = ||Uᵀ ΔW V||, forbidden = ||(I − P) ΔW|| (two_sided: the whole preserved
         part, Uᵀ ΔW and ΔW V included; high_block: the block)."""
