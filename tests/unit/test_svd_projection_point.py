@@ -116,6 +116,8 @@ def test_drift_over_a_task_under_adamw(point):
     else:
         assert max(blocks) < 1e-5 and task["drift_forbidden_max"] < 1e-5
     assert any("svd/drift_block_max" in entry for entry in logs)
+    # the task start's copies were counted while the task ran (its record), and dropped after
+    assert task["state_bytes"] > strategy.extra_state_bytes() + sum(p.numel() * 4 for p in start.values()) - 1
     assert strategy.report()["projection_point"] == point
 
 

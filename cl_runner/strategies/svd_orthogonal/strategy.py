@@ -587,7 +587,9 @@ class SVDOrthogonal(Strategy):
         if self.sharded is not None:
             return self.sharded.nbytes()
         total = self.groups.nbytes() if self.groups is not None else 0
-        return total + tensor_bytes(list(self._accumulated.values()))
+        # measure_drift's task-start copies (None outside a task and without it)
+        drift = tensor_bytes(self._drift_start or []) + tensor_bytes(self._drift_bases or [])
+        return total + tensor_bytes(list(self._accumulated.values())) + drift
 
     def report(self) -> dict[str, Any]:
         ks = [k for per in self._k_per_target.values() for k, _ in per[-1:]]
