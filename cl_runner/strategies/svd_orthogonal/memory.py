@@ -64,6 +64,8 @@ def estimate_svd(s: Any, inputs: PlanInputs, basis_bytes: int) -> StrategyEstima
         base, rounding = r.trr, "half_up"
         how = (f"adaptive mode: k = round(min(m, n) x trr={r.trr:g}) (a layer of mean importance, not a "
                "bound)")
+    point = s.get("projection_point", "both")
+    anchored = point in ("both", "update")  # projection_point=gradient keeps no weight anchors
     best: tuple[int, int, int, float] = (-1, 0, 0, base)
     for t in range(max(1, n_tasks)):  # the schedule may grow k; the stored bytes need not grow with it
         fraction = scheduled_fraction(base, t, r.schedule_step, r.schedule_cap)
@@ -73,21 +75,29 @@ def estimate_svd(s: Any, inputs: PlanInputs, basis_bytes: int) -> StrategyEstima
         for m, n in shapes:
             k = _svd_k(min(m, n), fraction, "floor" if s.bases == "accumulate" else rounding, _fraction_size(r, m, n))
             b, a = svd_target_bytes(m, n, k, s.projection, basis_bytes, param_bytes)
-            bases, anchors = bases + b, anchors + a
+            bases, anchors = bases + b, anchors + (a if anchored else 0)
         if bases + anchors > best[0]:
             best = (bases + anchors, bases, anchors, fraction)
     total, bases, anchors, fraction = best
     notes = [f"ProjectionGroups (the unsharded implementation): {len(targets)} targets, {how}: "
-             f"bases {gib(bases)}, weight anchors {gib(anchors)}"]
+             f"bases {gib(bases)}, weight anchors {gib(anchors)}"
+             + (" (projection_point=gradient: none)" if not anchored else "")]
+    if s.get("measure_drift", False):
+        start = sum(m * n for m, n in shapes) * param_bytes
+        kept = sum((m + n) * _svd_k(min(m, n), fraction, rounding, _fraction_size(r, m, n)) for m, n in shapes) * FP32
+        total += start + kept
+        notes.append(f"measure_drift: a copy of the targets from the task start ({gib(start)}) and their fp32 bases "
+                     f"({gib(kept)})")
     if s.bases == "accumulate":
         kept = sum((m + n) * _svd_k(min(m, n), s.rank_budget, "floor") for m, n in shapes) * FP32
         total += kept
         notes.append(f"bases=accumulate: the union at its rank_budget={s.rank_budget:g} (worst case) plus its "
                      f"fp32 copy ({gib(kept)})")
     # project_weight_update_ stacks each bucket (targets of one shape) in fp32; a bucket with a
-    # dense anchor also holds the projected copy while the anchor is taken.
+    # dense anchor also holds the projected copy while the anchor is taken. The gradient
+    # projection works in the stacked gradient buffers themselves (fp32 grads: no copy).
     transient = 0
-    for shape in set(shapes):
+    for shape in set(shapes) if anchored else ():
         m, n = shape
         count = shapes.count(shape)
         k = _svd_k(min(m, n), fraction, rounding, _fraction_size(r, m, n))
@@ -106,7 +116,8 @@ def estimate_svd(s: Any, inputs: PlanInputs, basis_bytes: int) -> StrategyEstima
 
     return StrategyEstimate("svd_orthogonal", state_bytes=total, transient_bytes=transient,
                             trainable_params=trainable, notes=notes,
-                            transient_note="fp32 stack of the largest same-shape bucket in the weight projection",
+                            transient_note=("fp32 stack of the largest same-shape bucket in the weight projection"
+                                            if anchored else "none (projection_point=gradient: no weight projection)"),
                             sharded=sharded)
 
 
@@ -175,6 +186,8 @@ def _estimate_svd_sharded(s: Any, shapes: list[tuple[int, int]], basis_bytes: in
             got = svd_sharded_bytes(shapes, ks, w, s.projection, basis_bytes, param_bytes, mb)
             worst[w] = tuple(max(a, b) for a, b in zip(worst[w], got))  # type: ignore[assignment]
     (bases1, bucket1, before1, _), (bases, bucket, before, n_buckets) = worst[1], worst[world]
+    if s.get("projection_point", "both") == "gradient":  # no update projection: no W_before
+        before1 = before = 0
     sides = "basis" if s.projection == "high_block" else "basis or complement"
     notes = [f"strategies/svd_orthogonal/sharded.ShardedSubspaces (the trainer.sharding=fsdp implementation): "
              f"{len(shapes)} targets, {how}: bases only ({sides} per side, {basis_bytes} B), in row shards of "

@@ -14,10 +14,12 @@
 - Schedule (the paper's T5 runs): every preserved fraction (mrr, trr, or 1 − unfreeze_ratio)
   grows by `schedule_step` per task, capped at `schedule_cap`.
 
-Token positions (our choice, the paper only says "mean over inputs"): each example is run
-alone (batch of one, so no padding position ever enters the mean); its score is the mean
-cosine over all positions the layer sees in that forward pass, and I_l is the mean of the
-N example scores, so long and short examples weigh the same.
+Token positions (our choice, the paper only says "mean over inputs"): an example's score
+is the mean cosine over all positions of that example the layer sees (never a padding
+position), and I_l is the mean of the N example scores, so long and short examples weigh
+the same. The forwards are batched like evaluation (no gradients, longest first) and the
+padding is masked out of each example's mean, which gives the batch-of-one scores up to
+float rounding (`layer_importances`).
 """
 from __future__ import annotations
 
@@ -112,15 +114,32 @@ def scheduled_fraction(fraction: float, t: int, step: float, cap: float) -> floa
     return min(cap, fraction + t * step)
 
 
+def importance_order(examples: Sequence[Any]) -> list[int]:
+    """Indices of `examples`, longest first (characters of prompt and answer: the collated
+    row holds both), so each batch pads little; ties keep their order."""
+    return sorted(range(len(examples)), key=lambda i: -(len(examples[i].prompt) + len(examples[i].answer)))
+
+
 @torch.no_grad()
-def layer_importances(model: nn.Module, modules: Sequence[nn.Module],
-                      batches: Sequence[dict[str, torch.Tensor]],
+def layer_importances(model: nn.Module, modules: Sequence[nn.Module], examples: Sequence[Any],
+                      collate: Callable[[list[Any]], dict[str, torch.Tensor]],
                       forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any],
-                      autocast: Callable[[], Any]) -> list[float]:
-    """Mean cos(x, y) between each module's input and output (see the module docstring)
-    over `batches` (one example each), in eval mode, without gradients."""
-    sums = [0.0] * len(modules)
-    per_example: list[list[float]] = [[] for _ in modules]
+                      autocast: Callable[[], Any], batch_size: int = 1) -> list[float]:
+    """Mean cos(x, y) between each module's input and output over `examples` (see the
+    module docstring), in eval mode, without gradients.
+
+    Batched like evaluation: longest first, `batch_size` examples a forward. A padded
+    position never enters a mean: each example's score is its masked mean over the
+    positions its attention_mask marks, which is the batch-of-one score up to float
+    rounding. A module whose activations do not line up with the mask (a batch without an
+    attention_mask, or positions of another length, as a seq2seq decoder's) makes that
+    batch run again one example at a time. I_l is the mean of the example scores, summed
+    in the examples' own order (so `batch_size=1` reproduces the per-example forwards)."""
+    n_modules = len(modules)
+    # scores[i][e]: example e's score for module i (None: the module never saw it)
+    scores: list[list[Optional[float]]] = [[None] * len(examples) for _ in modules]
+    calls: list[list[torch.Tensor]] = [[] for _ in modules]
+    state = {"mask": None, "size": 1, "aligned": True}
 
     def hook_for(i: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -130,27 +149,55 @@ def layer_importances(model: nn.Module, modules: Sequence[nn.Module],
                 return
             d = min(x.shape[-1], y.shape[-1])
             cos = F.cosine_similarity(x[..., :d].float(), y[..., :d].float(), dim=-1)
-            per_example[i].append(float(cos.mean()))
+            if state["size"] == 1:
+                calls[i].append(cos.mean().reshape(1))
+                return
+            mask = state["mask"]
+            if mask is None or tuple(cos.shape) != tuple(mask.shape):
+                state["aligned"] = False
+                return
+            calls[i].append((cos * mask).sum(-1) / mask.sum(-1).clamp_min(1.0))
         return hook
+
+    def score(positions: list[int]) -> bool:
+        """Run one batch; False (nothing recorded) when a module's positions did not line up."""
+        batch = collate([examples[e] for e in positions])
+        mask = batch.get("attention_mask")
+        state.update(size=len(positions), aligned=True,
+                     mask=None if mask is None else mask.to(torch.float32))
+        for c in calls:
+            c.clear()
+        with autocast():
+            forward(model, batch)
+        if not state["aligned"]:
+            return False
+        # One device-to-host copy per batch: (module, example) means over the module's calls
+        # (a module called several times in one forward counts once per example).
+        seen = [i for i in range(n_modules) if calls[i]]
+        if seen:
+            means = torch.stack([torch.stack(calls[i]).mean(0) for i in seen]).cpu().tolist()
+            for i, row in zip(seen, means):
+                for e, value in zip(positions, row):
+                    scores[i][e] = value
+        return True
 
     handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            calls = [len(p) for p in per_example]
-            with autocast():
-                forward(model, batch)
-            for i, p in enumerate(per_example):
-                # A module called several times in one forward counts once per example.
-                new = p[calls[i]:]
-                if new:
-                    del p[calls[i]:]
-                    p.append(sum(new) / len(new))
+        order = importance_order(examples)
+        size = max(1, int(batch_size))
+        for start in range(0, len(order), size):
+            positions = order[start:start + size]
+            if not score(positions):
+                for e in positions:
+                    score([e])
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    for i, p in enumerate(per_example):
-        sums[i] = sum(p) / len(p) if p else 0.0
-    return sums
+    out = []
+    for per_example in scores:
+        present = [v for v in per_example if v is not None]
+        out.append(sum(present) / len(present) if present else 0.0)
+    return out

@@ -13,6 +13,12 @@ trainable rest; the task then trains W only outside the preserved subspace:
   done by `ProjectionGroups` from a factored anchor of the task-start weights).
   Over a task, Uᵀ (W_end − W_start) V = 0 (two_sided: also Uᵀ ΔW = 0 and ΔW V = 0).
 
+`projection_point` says which of the two run: `both` (the above, the default), `update`
+(only the update projection: the constraint stays exact with one projection a step, and
+AdamW's moments see the raw gradient), `gradient` (only the gradient projection, as the
+authors' and mini_trainer's code do: under AdamW the update then drifts out of the
+allowed set; `measure_drift: true` reports by how much).
+
 k per matrix comes from `rank` (adaptive importance or a fixed ratio), the targets
 from `targets`. `first_task: full` (default) trains the first task unconstrained, as
 the authors do (our spec, ../shared/specs/strategies.md; the paper text and the authors'
@@ -36,10 +42,11 @@ from torch import nn
 
 from cl_runner import ops
 from cl_runner.distributed.sharding import is_sharded
-from cl_runner.errors import require, require_choice
+from cl_runner.errors import ConfigError, bad_value, require, require_choice
 from cl_runner.strategies.base import Strategy, plain_config, tensor_bytes
 from cl_runner.strategies.memory import PlanInputs, StrategyEstimate
 from cl_runner.strategies.registry import register
+from cl_runner.strategies.svd_orthogonal.drift import update_drift
 from cl_runner.strategies.svd_orthogonal.groups import ProjectionGroups
 from cl_runner.strategies.svd_orthogonal.rank import (
     _EPS,
@@ -59,6 +66,24 @@ FIRST_TASK = ("full", "constrained")
 BASES_MODES = ("current", "accumulate")
 BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SVD_METHODS = ("exact", "randomized")
+# both: gradient projected after backward and the update re-projected after the step;
+# update: only the update (exact constraint, one projection); gradient: only the gradient.
+PROJECTION_POINTS = ("both", "update", "gradient")
+# The methods that hold each part of the cost, and the phase a profiler reports them under
+# (strategies may not import the training room, so scripts/profile_strategy.py wraps these
+# methods of the built strategy in `phase(...)`).
+PHASES = {
+    "choose_ranks": "svd_orthogonal/importance",  # adaptive ranks: the importance forwards
+    "decompose": "svd_orthogonal/svd",  # the top-k SVDs, same shapes batched
+    "sharded_bases": "svd_orthogonal/svd",  # trainer.sharding=fsdp: gather, SVD, scatter per target
+    "pack_bases": "svd_orthogonal/pack",  # stacked bases, complements, anchors, gradient views
+    "project_gradients": "svd_orthogonal/project_gradient",
+    "project_update": "svd_orthogonal/project_update",
+    "record_drift": "svd_orthogonal/measure_drift",
+}
+# Importance forwards per batch outside cl-run (cl-run passes evaluation.batch_size, whose
+# default this is).
+_DEFAULT_IMPORTANCE_BATCH = 64
 # A direction of the new task's basis counts as new in `accumulate` when more than this
 # much of its (unit) length lies outside the subspace already kept.
 _NEW_DIRECTION_TOL = 1e-4
@@ -97,6 +122,9 @@ class SVDRankConfig:
     fraction_of: str = "min_dim"
     # Adaptive: examples of the previous task (the current one at t = 0) for importance.
     importance_examples: int = 128
+    # Adaptive: examples per importance forward (no gradients, longest first, padding masked
+    # out); null = evaluation.batch_size. Seq2seq models run one example a forward.
+    importance_batch_size: Optional[int] = None
     # Every preserved fraction grows by this much per task (0 = off; the paper's T5 runs).
     schedule_step: float = 0.0
     # ... up to this cap.
@@ -117,6 +145,14 @@ class SVDOrthogonalConfig:
     first_task: str = "full"
     # two_sided: (I-UUᵀ)G(I-VVᵀ); high_block: G - U(UᵀGV)Vᵀ.
     projection: str = "two_sided"
+    # Where a step is projected: both (gradient after backward, update after the step) |
+    # update (the update only: exact, one projection) | gradient (the gradient only, as the
+    # authors' and mini_trainer's code: under AdamW the update drifts out).
+    projection_point: str = "both"
+    # After each task, report how much of the task's update lies where the constraint
+    # forbids it (Uᵀ ΔW V and the whole preserved part); keeps a copy of the targets from the
+    # task start (not checkpointed: a task resumed mid-way reports none). Unsharded runs only.
+    measure_drift: bool = False
     # current: top-k of the current W per task; accumulate: union over past tasks.
     bases: str = "current"
     # accumulate: cap on preserved directions per side, as a fraction of min(m, n).
@@ -161,6 +197,9 @@ class SVDOrthogonal(Strategy):
         require_choice(c.bases, "strategy.bases", BASES_MODES)
         require_choice(c.basis_dtype, "strategy.basis_dtype", tuple(BASIS_DTYPES))
         require_choice(c.svd_method, "strategy.svd_method", SVD_METHODS)
+        require_choice(c.projection_point, "strategy.projection_point", PROJECTION_POINTS, ConfigError)
+        require(r.importance_batch_size is None or r.importance_batch_size >= 1, "strategy.rank.importance_batch_size",
+                r.importance_batch_size, "use a positive count, or null for evaluation.batch_size")
         for key in ("mrr", "trr", "unfreeze_ratio", "schedule_cap"):
             v = getattr(r, key)
             require(0.0 <= v <= 1.0, f"strategy.rank.{key}", v, "use a fraction in [0, 1]")
@@ -183,9 +222,32 @@ class SVDOrthogonal(Strategy):
         self._history: list[dict[str, Any]] = []
         self._k_per_target: dict[str, list[list[int]]] = {}
         self._importance_per_target: dict[str, list[float]] = {}
-        self._grad_seconds = 0.0
-        self._update_seconds = 0.0
+        self._grad_clock = _ProjectionClock()
+        self._update_clock = _ProjectionClock()
         self._steps = 0
+        self._eval_batch_size: Optional[int] = None  # evaluation.batch_size, from check_run_config
+        # measure_drift: the targets and bases at the task start (unsharded only)
+        self._drift_start: Optional[list[torch.Tensor]] = None
+        self._drift_bases: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def projects_gradient(self) -> bool:
+        return self.config.projection_point in ("both", "gradient")
+
+    @property
+    def projects_update(self) -> bool:
+        return self.config.projection_point in ("both", "update")
+
+    def check_run_config(self, cfg: Any) -> None:
+        """Keeps evaluation.batch_size (the importance forwards batch like evaluation) and
+        refuses measure_drift under FSDP."""
+        evaluation, trainer = cfg.get("evaluation"), cfg.get("trainer")
+        if evaluation is not None and evaluation.get("batch_size") is not None:
+            self._eval_batch_size = int(evaluation.batch_size)
+        if self.config.measure_drift and trainer is not None and trainer.get("sharding", "none") == "fsdp":
+            raise ConfigError(bad_value("strategy.measure_drift", True, "it keeps whole copies of the targets and "
+                                        "is for unsharded runs: set strategy.measure_drift=false or "
+                                        "trainer.sharding=none"))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ctx) -> None:
@@ -196,12 +258,16 @@ class SVDOrthogonal(Strategy):
         if any(is_sharded(t.param) for t in self.targets):
             from cl_runner.strategies.svd_orthogonal.sharded import ShardedSubspaces
 
+            if self.config.measure_drift:
+                raise ConfigError(bad_value("strategy.measure_drift", True, "it is for unsharded runs: set "
+                                            "strategy.measure_drift=false or trainer.sharding=none"))
             self.sharded = ShardedSubspaces([(t.name, t.param) for t in self.targets], self.config.projection,
                                             BASIS_DTYPES[self.config.basis_dtype], self.config.sharded_bucket_mb)
             return
+        # The bases come from top_k_bases (orthonormal by construction): no check per task.
         self.groups = ProjectionGroups(
             [(t.name, t.param) for t in self.targets], mode=self.config.projection,
-            basis_dtype=BASIS_DTYPES[self.config.basis_dtype])
+            basis_dtype=BASIS_DTYPES[self.config.basis_dtype], check_orthonormal=False)
         self._k_per_target = {t.name: [] for t in self.targets}
 
     # ------------------------------------------------------------------ task start
@@ -219,32 +285,65 @@ class SVDOrthogonal(Strategy):
                          0.0, 0.0, 0.0, 1.0)
             return
         started = time.perf_counter()
-        ks, source, importance_seconds = self._choose_ranks(t, task)
+        ks, source, importance_seconds = self.choose_ranks(t, task)
         svd_started = time.perf_counter()
         if self.sharded is not None:
-            self._sharded_bases(t, task, ks, source, importance_seconds, started, svd_started)
+            self.sharded_bases(t, task, ks, source, importance_seconds, started, svd_started)
             return
         weights = [tg.param.detach() for tg in self.targets]
-        c = self.config
-        bases, stats = ops.top_k_bases(weights, ks, method=c.svd_method,
-                                       oversample=c.svd_oversample,
-                                       power_iters=c.svd_power_iters, out_dtype=torch.float32,
-                                       return_stats=True, seed=self.ctx.seed + t)
+        # One decomposition per target, same shapes batched; the ranks are known before it
+        # runs, so nothing is decomposed twice.
+        bases, residuals = self.decompose(weights, ks, self.ctx.seed + t)
         named = {tg.name: (u, v) for tg, (u, v) in zip(self.targets, bases)}
-        if c.bases == "accumulate":
+        if self.config.bases == "accumulate":
             named = self._accumulate(named)
-        self.groups.set_bases(named)
-        self.groups.snapshot_weights()
-        self.groups.attach_grads()
-        _sync(weights[0].device)
+        self.pack_bases(named, weights)
         svd_seconds = time.perf_counter() - svd_started
         self._freeze_untargeted()
         self._in_task, self._task = True, t
         k_pairs = [(int(named[tg.name][0].shape[1]), int(named[tg.name][1].shape[1])) for tg in self.targets]
         self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
-                     time.perf_counter() - started, sum(stats.residual_fro) / len(stats.residual_fro))
+                     time.perf_counter() - started, sum(residuals) / len(residuals))
 
-    def _sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
+    def pack_bases(self, named: dict[str, tuple[torch.Tensor, torch.Tensor]], weights: list[torch.Tensor]) -> None:
+        """Stacked bases (complements where k > dim/2); the weight anchors only where the
+        update is projected, the gradient views only where the gradient is."""
+        self.groups.set_bases(named)
+        if self.projects_update:
+            self.groups.snapshot_weights()
+        if self.projects_gradient:
+            self.groups.attach_grads()
+        if self.config.measure_drift:
+            self._drift_start = [w.clone() for w in weights]
+            self._drift_bases = [named[tg.name] for tg in self.targets]
+        _sync(weights[0].device)
+
+    def decompose(self, weights: list[torch.Tensor], ks: list[int], seed: int):
+        """(U, V) per weight and its relative Frobenius residual. exact: batched SVDs by shape.
+        randomized: the range finder for every target whose own k + oversample <= r/2 (where
+        it is cheaper than an exact SVD, measured on CPU: docs/extension.md), batched by shape
+        among those; the exact SVD for the rest. Choosing per target rather than per shape
+        lets the small-k targets of adaptive ranks use the sketch even when their shape's
+        largest k cannot (ops.top_k_bases sizes one sketch per shape by its largest k)."""
+        c = self.config
+        options = dict(oversample=c.svd_oversample, power_iters=c.svd_power_iters, out_dtype=torch.float32,
+                       return_stats=True, seed=seed)
+        if c.svd_method == "exact":
+            bases, stats = ops.top_k_bases(weights, ks, method="exact", **options)
+            return bases, list(stats.residual_fro)
+        sketched = [2 * (k + c.svd_oversample) <= min(w.shape) for w, k in zip(weights, ks)]
+        bases: list = [None] * len(weights)
+        residuals = [0.0] * len(weights)
+        for method, wanted in (("randomized", True), ("exact", False)):
+            idx = [i for i, s in enumerate(sketched) if s == wanted]
+            if not idx:
+                continue
+            got, stats = ops.top_k_bases([weights[i] for i in idx], [ks[i] for i in idx], method=method, **options)
+            for j, i in enumerate(idx):
+                bases[i], residuals[i] = got[j], stats.residual_fro[j]
+        return bases, residuals
+
+    def sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
                        started: float, svd_started: float) -> None:
         """The task's bases on FSDP-sharded targets: each SVD on one rank in turn."""
         import torch.distributed as dist
@@ -274,7 +373,7 @@ class SVDOrthogonal(Strategy):
         self._record(t, task, k_pairs, source, importance_seconds, svd_seconds,
                      time.perf_counter() - started, float(summed.sum()) / len(self.targets))
 
-    def _choose_ranks(self, t: int, task: Task) -> tuple[list[int], str, float]:
+    def choose_ranks(self, t: int, task: Task) -> tuple[list[int], str, float]:
         r = self.config.rank
         dims = [tg.rank_dim for tg in self.targets]
         if r.mode == "ratio":
@@ -296,16 +395,24 @@ class SVDOrthogonal(Strategy):
         if len(examples) > n:
             rng = random.Random(self.ctx.seed * 1_000_003 + t)
             examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]
-        batches = [self.ctx.collate([ex]) for ex in examples]
-        importances = layer_importances(self.ctx.unwrapped_model,
-                                        [tg.module for tg in self.targets], batches,
-                                        self._forward, self.ctx.accelerator.autocast)
+        importances = layer_importances(self.ctx.unwrapped_model, [tg.module for tg in self.targets], examples,
+                                        self.ctx.collate, self._forward, self.ctx.accelerator.autocast,
+                                        batch_size=self._importance_batch_size())
         mrr = scheduled_fraction(r.mrr, t, r.schedule_step, r.schedule_cap)
         trr = scheduled_fraction(r.trr, t, r.schedule_step, r.schedule_cap)
         for tg, imp in zip(self.targets, importances):
             self._importance_per_target.setdefault(tg.name, []).append(imp)
         return (adaptive_ranks(importances, dims, mrr, trr, r.normalise), source,
                 time.perf_counter() - started)
+
+    def _importance_batch_size(self) -> int:
+        """Examples per importance forward: rank.importance_batch_size, else the run's
+        evaluation.batch_size. Seq2seq: one (decoder and cross-attention positions are not
+        those of the attention_mask, so padding could not be masked out of their means)."""
+        if self.ctx.model_kind == "seq2seq":
+            return 1
+        size = self.config.rank.importance_batch_size
+        return int(size if size is not None else (self._eval_batch_size or _DEFAULT_IMPORTANCE_BATCH))
 
     def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
         if self.ctx.model_kind == "classifier":
@@ -347,34 +454,53 @@ class SVDOrthogonal(Strategy):
         self._frozen = []
 
     # ------------------------------------------------------------------ steps
-    def _timed(self, project: Any) -> float:
-        """Seconds `project` took, the device's queue included."""
-        started = time.perf_counter()
-        project()
-        _sync(self.targets[0].param.device)
-        return time.perf_counter() - started
-
     def after_backward(self) -> None:
         if not self._in_task:
             return
-        impl = self.sharded if self.sharded is not None else self.groups
-        self._grad_seconds += self._timed(impl.project_grads_)
         self._steps += 1
+        if self.projects_gradient:
+            self.project_gradients()
+
+    def project_gradients(self) -> None:
+        impl = self.sharded if self.sharded is not None else self.groups
+        self._grad_clock.time(impl.project_grads_, self.targets[0].param.device)
 
     def before_optimizer_step(self) -> None:
-        if self._in_task and self.sharded is not None:
+        if self._in_task and self.projects_update and self.sharded is not None:
             self.sharded.remember_weights()
 
     def after_optimizer_step(self) -> None:
-        if not self._in_task:
-            return
-        # the step's weight update, projected back (ShardedSubspaces / ProjectionGroups)
+        if self._in_task and self.projects_update:
+            self.project_update()
+
+    def project_update(self) -> None:
+        """The step's weight update, projected back (ShardedSubspaces / ProjectionGroups)."""
         update = self.sharded.project_update_ if self.sharded is not None else self.groups.project_weight_update_
-        self._update_seconds += self._timed(update)
+        self._update_clock.time(update, self.targets[0].param.device)
 
     def after_task(self, t: int, task: Task) -> None:
+        if self._in_task and self._drift_start is not None:
+            self.record_drift(t)
+        self._drift_start = self._drift_bases = None
         self._unfreeze()
         self._in_task = False
+        self._grad_clock.settle()
+        self._update_clock.settle()
+
+    def record_drift(self, t: int) -> None:
+        """How far the task's update ΔW left the allowed set, relative to ||ΔW||_F, per
+        target: block = ||Uᵀ ΔW V||, forbidden = ||(I − P) ΔW|| (two_sided: the whole preserved
+        part, Uᵀ ΔW and ΔW V included; high_block: the block)."""
+        blocks, forbidden = [], []
+        for tg, start, (u, v) in zip(self.targets, self._drift_start, self._drift_bases):
+            b, f = update_drift(tg.param.detach() - start, u, v, self.config.projection)
+            blocks.append(b)
+            forbidden.append(f)
+        entry = next(h for h in reversed(self._history) if h["task"] == t)
+        entry.update(drift_block_max=max(blocks), drift_block_mean=sum(blocks) / len(blocks),
+                     drift_forbidden_max=max(forbidden), drift_forbidden_mean=sum(forbidden) / len(forbidden))
+        self.ctx.log({f"svd/{k}": entry[k] for k in ("drift_block_max", "drift_block_mean", "drift_forbidden_max",
+                                                     "drift_forbidden_mean")})
 
     # ------------------------------------------------------------------ bookkeeping
     def _record(self, t: int, task: Task, k_pairs: list[tuple[int, int]], source: str, importance_seconds: float,
@@ -408,14 +534,20 @@ class SVDOrthogonal(Strategy):
             "accumulated": dict(self._accumulated), "history": list(self._history),
             "k_per_target": {k: list(v) for k, v in self._k_per_target.items()},
             "importance_per_target": {k: list(v) for k, v in self._importance_per_target.items()},
-            "grad_seconds": self._grad_seconds, "update_seconds": self._update_seconds,
-            "steps": self._steps,
+            "grad_seconds": self._grad_clock.settle(), "update_seconds": self._update_clock.settle(),
+            "steps": self._steps, "projection_point": self.config.projection_point,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"svd_orthogonal state version {state.get('version')!r}; this "
                              f"code reads version {_STATE_VERSION}")
+        saved_point = state.get("projection_point", "both")  # older checkpoints: the one behaviour there was
+        if state["in_task"] and saved_point != self.config.projection_point:
+            raise ConfigError(bad_value("strategy.projection_point", self.config.projection_point,
+                                        f"this checkpoint was written mid-task with projection_point={saved_point} "
+                                        f"(its anchors and gradient views follow it): resume with "
+                                        f"strategy.projection_point={saved_point}"))
         self._task, self._in_task = state["task"], state["in_task"]
         if state.get("sharded") is not None and self._task >= 0:
             if self.sharded is None:
@@ -432,11 +564,12 @@ class SVDOrthogonal(Strategy):
         self._k_per_target = {k: list(v) for k, v in state["k_per_target"].items()}
         self._importance_per_target = {k: list(v) for k, v in
                                        state["importance_per_target"].items()}
-        self._grad_seconds, self._update_seconds = state["grad_seconds"], state["update_seconds"]
+        self._grad_clock = _ProjectionClock(state["grad_seconds"])
+        self._update_clock = _ProjectionClock(state["update_seconds"])
         self._steps = state["steps"]
         if self._in_task:  # resumed mid-task: before_task is not called again
             self._freeze_untargeted()
-            if self.groups is not None:
+            if self.groups is not None and self.projects_gradient:
                 self.groups.attach_grads()
 
     def _basis_bytes(self) -> int:
@@ -454,13 +587,16 @@ class SVDOrthogonal(Strategy):
         if self.sharded is not None:
             return self.sharded.nbytes()
         total = self.groups.nbytes() if self.groups is not None else 0
-        return total + tensor_bytes(list(self._accumulated.values()))
+        # measure_drift's task-start copies (None outside a task and without it)
+        drift = tensor_bytes(self._drift_start or []) + tensor_bytes(self._drift_bases or [])
+        return total + tensor_bytes(list(self._accumulated.values())) + drift
 
     def report(self) -> dict[str, Any]:
         ks = [k for per in self._k_per_target.values() for k, _ in per[-1:]]
         return {
             "targets": len(self.targets),
             "projection": self.config.projection, "bases": self.config.bases,
+            "projection_point": self.config.projection_point,
             "rank_mode": self.config.rank.mode, "first_task": self.config.first_task,
             "tasks": list(self._history),
             "k_summary": ({"min": min(ks), "mean": sum(ks) / len(ks), "max": max(ks)}
@@ -469,13 +605,47 @@ class SVDOrthogonal(Strategy):
             "importance_per_target": {k: list(v) for k, v in self._importance_per_target.items()},
             "shapes": {tg.name: list(tg.shape) for tg in self.targets},
             "basis_seconds_total": sum(h["basis_seconds"] for h in self._history),
-            "projection_seconds": self._grad_seconds + self._update_seconds,
-            "grad_projection_seconds": self._grad_seconds,
-            "weight_projection_seconds": self._update_seconds,
+            "projection_seconds": self._grad_clock.settle() + self._update_clock.settle(),
+            "grad_projection_seconds": self._grad_clock.settle(),
+            "weight_projection_seconds": self._update_clock.settle(),
             "projection_steps": self._steps,
             "basis_bytes": self._basis_bytes(),
             "state_bytes": self.extra_state_bytes(),
         }
+
+
+class _ProjectionClock:
+    """Seconds spent in a projection, without stalling the device every step: perf_counter
+    on CPU; on CUDA a pair of events per call, read (one wait) at the task's end, in a
+    checkpoint or a report, so the step's kernels stay queued behind each other."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = float(seconds)
+        self._pending: list[tuple[Any, Any]] = []
+
+    def time(self, project: Any, device: torch.device) -> None:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            project()
+            end.record()
+            self._pending.append((start, end))
+            if len(self._pending) >= 1024:  # a long task: fold in the pairs already done
+                finished = [end.query() for _, end in self._pending]
+                self.seconds += sum(a.elapsed_time(b) for (a, b), f in zip(self._pending, finished) if f) / 1000.0
+                self._pending = [pair for pair, f in zip(self._pending, finished) if not f]
+            return
+        started = time.perf_counter()
+        project()
+        self.seconds += time.perf_counter() - started
+
+    def settle(self) -> float:
+        """The seconds so far (waits for the timed work still queued)."""
+        for start, end in self._pending:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000.0
+        self._pending = []
+        return self.seconds
 
 
 def _union(old: Optional[torch.Tensor], new: torch.Tensor, cap: int) -> torch.Tensor:
