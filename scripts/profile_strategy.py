@@ -72,6 +72,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the unreported seq_ft run (1 step per task) that first pays the one-time costs "
                         "(imports, kernels, caches) so they land in no profiled run")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="CPU: mmap allocations from this size on (e.g. 65536), so peaks track live tensors "
+                        "(slows the steps: use for memory, not time)")
     p.add_argument("--name", default=None, help="output stem (default profile_<model name>)")
     p.add_argument("--out", default=os.path.join(REPO, "results", "bench"))
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -118,6 +121,20 @@ def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def mmap_large_allocations(threshold: int) -> bool:
+    """Ask glibc to mmap every allocation of `threshold` bytes or more (and return it to
+    the system when freed), instead of keeping freed blocks in its heap, where the
+    resident set keeps counting them. Makes a CPU peak RSS track the live tensors (at
+    some cost in speed: for memory comparisons, not for timing). False where unavailable."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 def resident_bytes() -> Optional[int]:
@@ -176,6 +193,7 @@ def profile_run(label: str, overrides: list[str], workdir: str) -> dict[str, Any
             wrap_inner_phases(loop.strategy)
             with phase("run"):
                 loop.run()
+            state_bytes = loop.strategy.extra_state_bytes()
             ok = True
         finally:
             run.close(ok)
@@ -185,6 +203,7 @@ def profile_run(label: str, overrides: list[str], workdir: str) -> dict[str, Any
     peaks = [p["peak_bytes"] for p in phases.values() if p["peak_bytes"] is not None]
     return {"label": label, "overrides": overrides, "device": device.type,
             "steps": phases.get(PER_STEP_ROOT, {}).get("calls", 0), "floor_bytes": floor,
+            "strategy_state_bytes": state_bytes,
             "peak_bytes": max(peaks) if peaks else None, "phases": phases}
 
 
@@ -296,6 +315,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.mmap_threshold is not None and not mmap_large_allocations(args.mmap_threshold):
+        print("[profile] warning: --mmap-threshold needs glibc's mallopt; ignored", file=sys.stderr)
     common, planned = plan_runs(args)
     model = str(run_config(common).model.name)
     with tempfile.TemporaryDirectory(prefix="profile_strategy_") as workdir:
