@@ -66,19 +66,24 @@ def parse_args():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default): hide any GPU, gloo; cuda: one GPU per process")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per run")
+    p.add_argument("--mmap-threshold", type=int, default=65536, metavar="BYTES",
+                   help="CPU: glibc mmaps allocations from this size on (MALLOC_MMAP_THRESHOLD_), so freed tensors "
+                        "leave the resident set and the peak RSS follows live memory; 0: glibc's default")
     p.add_argument("--name", default=None, help="output file stem (default memory, --tiny: memory_tiny)")
     p.add_argument("--out", default=os.path.join(REPO, "results", "bench"))
     p.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
     return p.parse_args()
 
 
-def env_for(device: str) -> dict[str, str]:
+def env_for(device: str, mmap_threshold: int = 0) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        if mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     return env
 
 
@@ -101,13 +106,13 @@ def last_error_line(text: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-def baseline_rss(device: str) -> Optional[int]:
+def baseline_rss(device: str, mmap_threshold: int = 0) -> Optional[int]:
     """Peak RSS of a process that only imports what a run imports (the floor under every
     CPU row)."""
     code = ("import resource, torch, transformers, accelerate, cl_runner.cli, cl_runner.training.loop; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    done = subprocess.run([sys.executable, "-c", code], env=env_for(device), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], env=env_for(device, mmap_threshold), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
     return int(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip().isdigit() else None
 
 
@@ -120,8 +125,8 @@ def measure(world: int, strategy: str, model: list[str], workdir: str, args) -> 
     row: dict[str, Any] = {"world": world, "strategy": strategy, "sharding": sharding, "overrides": overrides}
     started = time.perf_counter()
     try:
-        done = subprocess.run(command(world, overrides), cwd=workdir, env=env_for(args.device), capture_output=True,
-                              text=True, timeout=args.timeout)
+        done = subprocess.run(command(world, overrides), cwd=workdir, env=env_for(args.device, args.mmap_threshold),
+                              capture_output=True, text=True, timeout=args.timeout)
         rc, stderr = done.returncode, done.stderr + done.stdout
     except subprocess.TimeoutExpired:
         rc, stderr = None, f"timed out after {args.timeout} s"
@@ -204,7 +209,7 @@ def main() -> None:
     weight_bytes = facts.params * 4
     print(f"bench model: {' '.join(model)} -> {facts.params:,} parameters ({size(weight_bytes)} in float32)",
           flush=True)
-    base = baseline_rss(args.device) if args.device == "cpu" else None
+    base = baseline_rss(args.device, args.mmap_threshold) if args.device == "cpu" else None
 
     workdir = tempfile.mkdtemp(prefix="bench_memory_")
     rows: list[dict[str, Any]] = []
@@ -242,7 +247,9 @@ def main() -> None:
              "## Measured", "",
              f"Model: `{' '.join(model)}`: {facts.params:,} parameters ({size(weight_bytes)} of float32 weights). "
              f"Run: `{' '.join(RUN)}`; world 1 = one process (trainer.sharding=none), world > 1 = torchrun "
-             f"(trainer.sharding=fsdp), {args.device.upper()}" + (" (gloo)." if args.device == "cpu" else "."),
+             f"(trainer.sharding=fsdp), {args.device.upper()}" + (" (gloo)." if args.device == "cpu" else ".")
+             + (f" glibc mmaps allocations from {args.mmap_threshold} B on (MALLOC_MMAP_THRESHOLD_): freed tensors "
+                "leave the resident set." if args.device == "cpu" and args.mmap_threshold else ""),
              f"{peak_label} is rank 0's, from metrics.json; strategy state is `strategy_extra_bytes` (rank 0). "
              "Plan: the memory plan's parameters + gradients + optimizer + strategy state per rank "
              "(activations and transients left out).", ""]

@@ -45,9 +45,7 @@ def test_the_plan_counts_the_strategy_state_the_run_holds(measured, name):
     assert plan(name).bytes_of("strategy state") == measured[name]["strategy_state_bytes"]
 
 
-@pytest.mark.parametrize("name", ["seq_ft", "ewc", "opcm", pytest.param("svd_orthogonal", marks=pytest.mark.xfail(
-    strict=False, reason="svd_orthogonal's estimate (strategies/svd_orthogonal, another change's) plans a working "
-                         "set of ~11 MB here where its steps and task start hold ~30 MB more than seq_ft's"))])
+@pytest.mark.parametrize("name", list(STRATEGIES))
 def test_the_plan_total_is_within_20_percent_of_the_measured_peak(measured, name):
     run = measured[name]
     above_floor = run["peak_bytes"] - run["floor_bytes"]
