@@ -274,12 +274,20 @@ def main() -> None:
               f"within {PLAN_TOLERANCE:.0%} or not, and if not, what the plan says it leaves out.", "",
               f"| world | strategy | sharding | plan: total per rank | measured ({above}) | plan / measured | "
               "within 20% | the plan leaves out |", "|---|---|---|---|---|---|---|---|"]
+    left_out: list[str] = []  # each note once, below the table; rows cite its number
     for r in rows:
         within = {True: "yes", False: "no", None: "-"}[r.get("plan_within")]
-        out = "; ".join(r.get("plan_leaves_out") or []) or ("FAILED run" if r.get("error") else "")
+        cites = []
+        for note in r.get("plan_leaves_out") or []:
+            if note not in left_out:
+                left_out.append(note)
+            cites.append(f"[{left_out.index(note) + 1}]")
+        out = " ".join(cites) or ("FAILED run" if r.get("error") else "")
         plan_ratio = "-" if r.get("plan_ratio") is None else f"{r['plan_ratio']:.2f}"
         lines.append(f"| {r['world']} | {r['strategy']} | {r['sharding']} | {mib(r.get('plan_total_per_rank'))} | "
-                     f"{mib(r.get('measured_for_plan'))} | {plan_ratio} | {within} | {out.replace('|', '/')} |")
+                     f"{mib(r.get('measured_for_plan'))} | {plan_ratio} | {within} | {out} |")
+    if left_out:
+        lines += [""] + [f"[{i + 1}] {note}" for i, note in enumerate(left_out)]
 
     lines += ["", "## Planned: llama2_7b_chat on 8 x 80 GB", "",
               f"`cl-run dry_run=true {' '.join(PLAN_7B)} trainer.sharding=fsdp plan_world_size=8 strategy=<s>` "
