@@ -42,11 +42,16 @@ from cl_runner.errors import ConfigError, require, require_choice
 from cl_runner.strategies.memory import FP32, GIB, ModelFacts, PlanInputs, StrategyEstimate, count, gib
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Activations kept for backward, in values per token, hidden unit and transformer block:
-# attention inputs/outputs and q, k, v (fused SDPA: no score matrix), the norms, the MLP's
-# up/gate/activation (2.7-4 x hidden). Korthikanti et al. 2022 count 34 bytes (about 17
-# 16-bit values) for a GPT block without the score matrix. A rough figure, no more.
-ACTIVATION_FACTOR = 18
+# Activations kept for backward, in values per token and transformer block (see
+# `activation_values_per_token`): each norm keeps its input, its normalised output and the
+# scaled output the next matmul reads (3h, twice), the attention its rotated q and k and its
+# v (h + 2 kv) and its output for the out-projection (h), the MLP 2 x intermediate (up and
+# activation) or, gated (SwiGLU), 4 x (gate, up, activation, their product). Checked with
+# autograd's saved-tensor hooks on a LLaMA block (h 256, intermediate 688: 21.8 h
+# measured, 20.8 h + the score matrix counted). Korthikanti et al. 2022 count about 17 h
+# for a GPT block (MLP 4h, GeLU), which this gives as 18 h. Without intermediate_size in the
+# model config the MLP is taken as 4 x hidden, ungated. A rough figure, no more.
+NORM_VALUES, ATTENTION_VALUES = 6, 2
 # Logits per token and vocabulary entry: the logits (compute dtype), their fp32 copy for
 # the loss and its log-softmax (fp32).
 LOGIT_EXTRA_BYTES = 8
@@ -276,9 +281,16 @@ def model_facts(model_cfg: Any) -> ModelFacts:
     hidden = int(getattr(c, "hidden_size", 0) or getattr(c, "d_model", 0) or getattr(c, "n_embd", 0) or 0)
     vocab = int(getattr(c, "vocab_size", 0) or 0)
     family = str(getattr(c, "model_type", type(model).__name__)).lower()
+    inner = int(getattr(c, "intermediate_size", 0) or getattr(c, "n_inner", 0) or getattr(c, "d_ff", 0) or 0)
+    heads = int(getattr(c, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(c, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(c, "head_dim", 0) or (hidden // heads if heads else 0))
+    names = [n for n, _ in model.named_parameters()]
+    gated = any(m in n for n in names for m in ("gate_proj", "gate_up_proj", ".wi_0."))
     return ModelFacts(name=str(model_cfg.name), kind=str(model_cfg.kind), family=family, source=source,
                       params=params, matmul_params=matmul, hidden=hidden, blocks=blocks, vocab=vocab,
-                      largest_unit=largest, model=model)
+                      largest_unit=largest, model=model, intermediate=inner, kv_dim=kv_heads * head_dim,
+                      gated_mlp=gated)
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -324,12 +336,22 @@ def strategy_estimate(cfg: Any, facts: ModelFacts, n_tasks: int, stack: Any = No
 
 
 # ----------------------------------------------------------------------------- the plan
+def activation_values_per_token(facts: ModelFacts) -> int:
+    """Values one transformer block keeps for backward per token (fused attention: no
+    score matrix), from the model's hidden, key/value and MLP widths."""
+    h = facts.hidden
+    kv = facts.kv_dim or h
+    inner = facts.intermediate or 4 * h
+    return NORM_VALUES * h + ATTENTION_VALUES * h + 2 * kv + (4 if facts.gated_mlp else 2) * inner
+
+
 def activation_bytes(batch: int, seq: int, hidden: int, blocks: int, vocab: int, compute_bytes: int,
-                     checkpointing: bool, logits: bool = True) -> int:
-    """Rough: batch x seq x hidden x blocks x ACTIVATION_FACTOR values (with checkpointing:
-    each block's input, plus one block recomputed), plus the logits for the loss."""
+                     checkpointing: bool, logits: bool = True, values_per_token: Optional[int] = None) -> int:
+    """Rough: batch x seq x blocks x values_per_token (default 18 x hidden, a GPT block)
+    values (with checkpointing: each block's input, plus one block recomputed), plus the
+    logits for the loss."""
     tokens = batch * seq
-    per_block = tokens * hidden * ACTIVATION_FACTOR * compute_bytes
+    per_block = tokens * (values_per_token or 18 * hidden) * compute_bytes
     body = tokens * hidden * compute_bytes * blocks + per_block if checkpointing else per_block * blocks
     head = tokens * vocab * (compute_bytes + LOGIT_EXTRA_BYTES) if logits else 0
     return body + head
@@ -392,12 +414,15 @@ def assemble(cfg: Any, facts: ModelFacts, est: StrategyEstimate, world_size: int
                         f"{what} unsharded in {compute} B, and one unit's gradients before reduce-scatter; "
                         f"largest unit {count(unit)} parameters", sharded=False))
     batch, seq = int(cfg.trainer.batch_size), int(cfg.model.max_length)
+    values = activation_values_per_token(facts)
     acts = activation_bytes(batch, seq, facts.hidden, facts.blocks, facts.vocab, compute, checkpointing,
-                            logits=facts.kind != "classifier")
+                            logits=facts.kind != "classifier", values_per_token=values)
     ckpt = "with activation checkpointing" if checkpointing else "no activation checkpointing"
     rows.append(row("activations (rough est.)", acts,
                     f"batch {batch} x seq {seq} x hidden {facts.hidden} x {facts.blocks} blocks x "
-                    f"{ACTIVATION_FACTOR} values x {compute} B, + logits; {ckpt}", sharded=False))
+                    f"{values / max(1, facts.hidden):.1f} values per hidden unit ("
+                    f"{'gated' if facts.gated_mlp else 'plain'} MLP of {facts.intermediate or 4 * facts.hidden}) x "
+                    f"{compute} B, + logits; {ckpt}", sharded=False))
     assumptions = []
     if sharding == "fsdp" and _fsdp_option(cfg, "cpu_offload", False):
         host = 0
@@ -419,7 +444,11 @@ def assemble(cfg: Any, facts: ModelFacts, est: StrategyEstimate, world_size: int
         assumptions.append(f"strategy state in host memory, not in the rows: up to {gib(est.host_bytes)} per process "
                            f"({est.name})")
     assumptions.append("not counted: the CUDA context and allocator fragmentation (keep ~10% free), evaluation's "
-                       "generation cache, temporary buffers of single ops")
+                       "generation cache, temporary buffers of single ops (on a GPU AdamW's foreach step holds up to "
+                       "one more copy of the trainable parameters); the rows are not all alive at once (a strategy's "
+                       "task-end working set never meets the activations), so the total is an upper bound on what "
+                       "they count; on a CPU the process's own memory (interpreter, libraries, data, freed memory the "
+                       "allocator keeps) comes on top: compare a CPU run's peak RSS above its floor")
     return MemoryPlan(model=facts.name, kind=facts.kind, family=facts.family, source=facts.source, params=P,
                       trainable_params=T, param_dtype=dtype, precision=precision, sharding=sharding,
                       world_size=world_size, strategy=est.name, batch_size=batch, seq_len=seq,

@@ -1,4 +1,4 @@
-"""Memory of seq_ft, svd_orthogonal and EWC, measured and planned, in one run.
+"""Memory of seq_ft, svd_orthogonal, EWC and OPCM, measured and planned, in one run.
 
 Measured: real `cl-run` runs of a ~50M-parameter LLaMA-shaped random-init model (hidden
 512, MLP 1376, 16 blocks, byte tokenizer) on the synthetic stream, two tasks of a couple
@@ -14,6 +14,7 @@ GPU) for the same three strategies.
 
     python scripts/bench_memory.py                    # about 10-20 minutes on 2 CPU cores
     python scripts/bench_memory.py --tiny --worlds 1  # tiny_llama, one process: a minute
+    python scripts/bench_memory.py --model smollm2_135m --worlds 1,2 --name memory_smollm2
 
 Writes results/bench/memory.md and memory.json (--tiny: memory_tiny.*).
 """
@@ -39,6 +40,7 @@ STRATEGIES = {
     # ratio mode: k does not depend on layer importances, so the plan's k is the run's k
     "svd_orthogonal": ["strategy=svd_orthogonal", "strategy.rank.mode=ratio"],
     "ewc": ["strategy=ewc"],
+    "opcm": ["strategy=opcm"],
 }
 # The 7B plan uses each strategy's shipped defaults (svd_orthogonal: adaptive rank).
 STRATEGIES_7B = {"svd_orthogonal": ["strategy=svd_orthogonal"]}
@@ -59,22 +61,29 @@ def parse_args():
     p.add_argument("--worlds", default="1,2,4", help="world sizes (processes), comma-separated")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--tiny", action="store_true", help="tiny_llama (132k parameters) instead of the ~50M model")
+    p.add_argument("--model", default=None,
+                   help="any model config instead (model=<name>, e.g. smollm2_135m: its pretrained weights, offline)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default): hide any GPU, gloo; cuda: one GPU per process")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per run")
+    p.add_argument("--mmap-threshold", type=int, default=65536, metavar="BYTES",
+                   help="CPU: glibc mmaps allocations from this size on (MALLOC_MMAP_THRESHOLD_), so freed tensors "
+                        "leave the resident set and the peak RSS follows live memory; 0: glibc's default")
     p.add_argument("--name", default=None, help="output file stem (default memory, --tiny: memory_tiny)")
     p.add_argument("--out", default=os.path.join(REPO, "results", "bench"))
     p.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
     return p.parse_args()
 
 
-def env_for(device: str) -> dict[str, str]:
+def env_for(device: str, mmap_threshold: int = 0) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        if mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     return env
 
 
@@ -97,13 +106,13 @@ def last_error_line(text: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-def baseline_rss(device: str) -> Optional[int]:
+def baseline_rss(device: str, mmap_threshold: int = 0) -> Optional[int]:
     """Peak RSS of a process that only imports what a run imports (the floor under every
     CPU row)."""
     code = ("import resource, torch, transformers, accelerate, cl_runner.cli, cl_runner.training.loop; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    done = subprocess.run([sys.executable, "-c", code], env=env_for(device), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], env=env_for(device, mmap_threshold), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
     return int(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip().isdigit() else None
 
 
@@ -116,8 +125,8 @@ def measure(world: int, strategy: str, model: list[str], workdir: str, args) -> 
     row: dict[str, Any] = {"world": world, "strategy": strategy, "sharding": sharding, "overrides": overrides}
     started = time.perf_counter()
     try:
-        done = subprocess.run(command(world, overrides), cwd=workdir, env=env_for(args.device), capture_output=True,
-                              text=True, timeout=args.timeout)
+        done = subprocess.run(command(world, overrides), cwd=workdir, env=env_for(args.device, args.mmap_threshold),
+                              capture_output=True, text=True, timeout=args.timeout)
         rc, stderr = done.returncode, done.stderr + done.stdout
     except subprocess.TimeoutExpired:
         rc, stderr = None, f"timed out after {args.timeout} s"
@@ -152,6 +161,26 @@ def plan_for(overrides: list[str], world: int, sharding: str):
     return build_plan(run_config(overrides), world_size=world, sharding=sharding)
 
 
+PLAN_TOLERANCE = 0.2
+
+
+def compare_plan(plan_total: Optional[int], measured: Optional[int], leaves_out: list[str]) -> dict[str, Any]:
+    """The plan's total per rank against a measured peak (on a CPU: above the floor):
+    ratio plan / measured, within PLAN_TOLERANCE or not, and (when not) what the plan's
+    notes say it leaves out."""
+    if not plan_total or not measured:
+        return {"plan_ratio": None, "plan_within": None, "plan_leaves_out": []}
+    r = plan_total / measured
+    within = abs(r - 1.0) <= PLAN_TOLERANCE
+    return {"plan_ratio": r, "plan_within": within, "plan_leaves_out": [] if within else list(leaves_out)}
+
+
+def not_counted(plan) -> list[str]:
+    """The plan's notes that name what it leaves out."""
+    notes = list(plan.assumptions) + [r.note for r in plan.rows]
+    return [n[n.index("not counted"):] for n in notes if "not counted" in n]
+
+
 def mib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2 ** 20:,.1f} MiB"
 
@@ -172,7 +201,7 @@ def main() -> None:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         sys.exit(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-    model = TINY_MODEL if args.tiny else BENCH_MODEL
+    model = [f"model={args.model}"] if args.model else TINY_MODEL if args.tiny else BENCH_MODEL
     from cl_runner.memory_plan import format_plan, model_facts
     from cl_runner.memory_plan import gib as size
 
@@ -180,7 +209,7 @@ def main() -> None:
     weight_bytes = facts.params * 4
     print(f"bench model: {' '.join(model)} -> {facts.params:,} parameters ({size(weight_bytes)} in float32)",
           flush=True)
-    base = baseline_rss(args.device) if args.device == "cpu" else None
+    base = baseline_rss(args.device, args.mmap_threshold) if args.device == "cpu" else None
 
     workdir = tempfile.mkdtemp(prefix="bench_memory_")
     rows: list[dict[str, Any]] = []
@@ -195,6 +224,11 @@ def main() -> None:
                     row["plan_static_per_rank"] = sum(plan.bytes_of(n) for n in (
                         "parameters", "gradients", "optimizer state", "strategy state"))
                     row["plan_total_per_rank"] = plan.per_rank_total
+                    measured = row.get("peak_memory_bytes")
+                    if measured is not None and base and row.get("peak_memory_kind") == "cpu_max_rss":
+                        measured -= base
+                    row["measured_for_plan"] = measured
+                    row.update(compare_plan(plan.per_rank_total, measured, not_counted(plan)))
                 except Exception as err:  # noqa: BLE001 - a plan failure is a row note, not the end
                     row["plan_error"] = f"{type(err).__name__}: {err}"
                 print(f"  -> {row.get('error') or mib(row.get('peak_memory_bytes'))}", flush=True)
@@ -208,12 +242,14 @@ def main() -> None:
     seq = {r["world"]: r.get("peak_memory_bytes") for r in rows if r["strategy"] == "seq_ft"}
     kind = next((r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")), None)
     peak_label = "peak GPU allocated" if kind == "cuda_allocated" else "peak RSS"
-    lines = ["# Memory: seq_ft, svd_orthogonal, EWC (measured, and planned for 7B)", "",
+    lines = ["# Memory: seq_ft, svd_orthogonal, EWC, OPCM (measured, and planned for 7B)", "",
              f"Generated by `python scripts/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}`.", "",
              "## Measured", "",
              f"Model: `{' '.join(model)}`: {facts.params:,} parameters ({size(weight_bytes)} of float32 weights). "
              f"Run: `{' '.join(RUN)}`; world 1 = one process (trainer.sharding=none), world > 1 = torchrun "
-             f"(trainer.sharding=fsdp), {args.device.upper()}" + (" (gloo)." if args.device == "cpu" else "."),
+             f"(trainer.sharding=fsdp), {args.device.upper()}" + (" (gloo)." if args.device == "cpu" else ".")
+             + (f" glibc mmaps allocations from {args.mmap_threshold} B on (MALLOC_MMAP_THRESHOLD_): freed tensors "
+                "leave the resident set." if args.device == "cpu" and args.mmap_threshold else ""),
              f"{peak_label} is rank 0's, from metrics.json; strategy state is `strategy_extra_bytes` (rank 0). "
              "Plan: the memory plan's parameters + gradients + optimizer + strategy state per rank "
              "(activations and transients left out).", ""]
@@ -232,6 +268,27 @@ def main() -> None:
                      f"{'-' if state is None else f'{state / weight_bytes:.2f}'} | {mib(r.get('plan_state_bytes'))} | "
                      f"{mib(r.get('plan_static_per_rank'))} | {r['wall_s']:.0f} s | {note.replace('|', '/')} |")
 
+    above = "peak RSS above the floor" if kind != "cuda_allocated" else peak_label
+    lines += ["", "## Plan against measured", "",
+              f"The plan's total per rank (every row, activations and working sets included) against the {above}; "
+              f"within {PLAN_TOLERANCE:.0%} or not, and if not, what the plan says it leaves out.", "",
+              f"| world | strategy | sharding | plan: total per rank | measured ({above}) | plan / measured | "
+              "within 20% | the plan leaves out |", "|---|---|---|---|---|---|---|---|"]
+    left_out: list[str] = []  # each note once, below the table; rows cite its number
+    for r in rows:
+        within = {True: "yes", False: "no", None: "-"}[r.get("plan_within")]
+        cites = []
+        for note in r.get("plan_leaves_out") or []:
+            if note not in left_out:
+                left_out.append(note)
+            cites.append(f"[{left_out.index(note) + 1}]")
+        out = " ".join(cites) or ("FAILED run" if r.get("error") else "")
+        plan_ratio = "-" if r.get("plan_ratio") is None else f"{r['plan_ratio']:.2f}"
+        lines.append(f"| {r['world']} | {r['strategy']} | {r['sharding']} | {mib(r.get('plan_total_per_rank'))} | "
+                     f"{mib(r.get('measured_for_plan'))} | {plan_ratio} | {within} | {out} |")
+    if left_out:
+        lines += [""] + [f"[{i + 1}] {note}" for i, note in enumerate(left_out)]
+
     lines += ["", "## Planned: llama2_7b_chat on 8 x 80 GB", "",
               f"`cl-run dry_run=true {' '.join(PLAN_7B)} trainer.sharding=fsdp plan_world_size=8 strategy=<s>` "
               "(per rank; svd_orthogonal at its default "
@@ -241,8 +298,12 @@ def main() -> None:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     plans: dict[str, Any] = {}
     for strategy in strategies:
-        plans[strategy] = plan_for(["logger=none", *PLAN_7B, *STRATEGIES_7B.get(strategy, STRATEGIES[strategy])],
-                                   8, "fsdp")
+        try:
+            plans[strategy] = plan_for(["logger=none", *PLAN_7B, *STRATEGIES_7B.get(strategy, STRATEGIES[strategy])],
+                                       8, "fsdp")
+        except Exception as err:  # noqa: BLE001 - OPCM refuses fsdp: a line, not the end
+            lines.append(f"| {strategy} | " + " | ".join(["-"] * 9) + f" | not planned: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200].replace('|', '/')} |")
     for strategy, plan in plans.items():
         total = plan.per_rank_total
         lines.append(f"| {strategy} | " + " | ".join(gib(plan.bytes_of(n)) for n in (
@@ -255,7 +316,8 @@ def main() -> None:
     results = {"model_overrides": model, "params": facts.params, "run_overrides": RUN, "device": args.device,
                "baseline_rss_bytes": base, "rows": rows,
                "plan_7b": {s: p.as_dict() for s, p in plans.items()}}
-    write_bench_outputs(args.out, args.name or ("memory_tiny" if args.tiny else "memory"), lines, results,
+    default = f"memory_{args.model}" if args.model else "memory_tiny" if args.tiny else "memory"
+    write_bench_outputs(args.out, args.name or default, lines, results,
                         suffix=".md")
 
 

@@ -17,6 +17,15 @@ predictive distribution (`fisher: sampled`, the true Fisher's estimator), per ba
 (`granularity: batch`, normalised by the number of batches) or per example (`sample`,
 normalised by the number of examples). F and theta* are fp32, on the parameters' devices.
 
+The penalty's gradient, lambda F (theta - theta*), is added to the accumulated gradients
+after backward (`penalty_gradient: analytic`, the default), times the fp16 loss scale the
+gradients still carry there, before clipping and the step, once per optimizer step
+whatever grad_accum. No autograd graph over every parameter is built: `autograd` (the
+penalty handed to the loop as a loss term) keeps theta - theta* and its square, fp32, for
+every parameter from the forward to the backward, about 2P fp32 beyond F and theta*; it is
+kept to check the analytic path against and to profile the difference. Either way the
+logged loss is the task loss alone (the loop never logged the penalty).
+
 `fisher: trace_online` is the variant of the TRACE benchmark (Wang et al. 2023, "TRACE: A
 Comprehensive Benchmark for Continual Learning in Large Language Models", arXiv 2310.06762;
 code: github.com/BeyonderXX/TRACE, model/Regular/EWC.py), for reproducing its numbers. No
@@ -50,6 +59,7 @@ from cl_runner.distributed.sharding import global_numel, global_sum, is_sharded,
 from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Batch, Strategy, tensor_bytes
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count
+from cl_runner.strategies.parts.flat_gradients import loss_scale
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
 
@@ -57,6 +67,7 @@ IGNORE = -100
 MODES = ("online", "separate")
 FISHERS = ("empirical", "sampled", "trace_online")
 GRANULARITIES = ("batch", "sample")
+PENALTY_GRADIENTS = ("analytic", "autograd")
 
 
 @dataclass
@@ -82,6 +93,9 @@ class EWCConfig:
     normalize_fisher: bool = False
     # Keep AdamW's state across tasks instead of a fresh optimizer per task.
     carry_optimizer: bool = False
+    # analytic (lambda F (theta - theta*) added to the gradients after backward, no graph) |
+    # autograd (the penalty as a loss term: the same gradient, ~2P fp32 more memory)
+    penalty_gradient: str = "analytic"
 
 
 def sample_labels(model: nn.Module, batch: Batch, kind: str, generator: Optional[torch.Generator] = None) -> Batch:
@@ -126,13 +140,31 @@ class ElasticWeightConsolidation(Strategy):
         note = (f"Fisher + anchor: 2 fp32 copies of the {count(trainable)} trainable parameters per kept pair; "
                 + ("online: 1 pair" if s.mode == "online" else
                    f"separate: one pair per past task, {pairs} while training the last of {n_tasks} tasks"))
-        return StrategyEstimate(self.name, state_bytes=2 * FP32 * trainable * pairs,
-                                transient_bytes=FP32 * trainable * pairs, notes=[note],
-                                transient_note="the penalty's autograd keeps theta - theta* (fp32) until backward")
+        if s.fisher == "trace_online":
+            note += "; trace_online: + the running sum of squared gradients (1 fp32 copy) while a task trains"
+        state = 2 * FP32 * trainable * pairs + (FP32 * trainable if s.fisher == "trace_online" else 0)
+        if s.penalty_gradient == "autograd":
+            transient = 2 * FP32 * trainable * pairs
+            why = ("penalty_gradient=autograd: the penalty's graph keeps theta - theta* and its square (fp32) "
+                   "from the forward to the backward")
+        elif s.mode == "online" and s.fisher != "trace_online" and n_tasks > 2:
+            transient = FP32 * trainable
+            why = ("the Fisher pass's new F (fp32) beside the kept F and theta* at a task end from the second on "
+                   "(merged in place)")
+        else:
+            largest = max((p.numel() for p in inputs.facts.model.parameters()), default=0)
+            transient = FP32 * largest
+            why = "the analytic penalty gradient: one fp32 temporary the size of the largest parameter"
+        if s.fisher != "trace_online" and s.fisher_batch_size > int(inputs.cfg.trainer.batch_size):
+            why += (f"; not counted: the Fisher pass's activations at strategy.fisher_batch_size="
+                    f"{s.fisher_batch_size} > trainer.batch_size (the activations row is the training batch's)")
+        return StrategyEstimate(self.name, state_bytes=state, transient_bytes=transient, notes=[note],
+                                transient_note=why)
 
     def __init__(self, config: EWCConfig) -> None:
         super().__init__(config)
-        for key, allowed in (("mode", MODES), ("fisher", FISHERS), ("granularity", GRANULARITIES)):
+        for key, allowed in (("mode", MODES), ("fisher", FISHERS), ("granularity", GRANULARITIES),
+                             ("penalty_gradient", PENALTY_GRADIENTS)):
             require_choice(getattr(config, key), f"strategy.{key}", allowed)
         require(config.ewc_lambda >= 0, "strategy.ewc_lambda", config.ewc_lambda,
                 "use a value >= 0 (sweep e.g. 1, 10, 100, 400, 1000, 1e4)")
@@ -156,24 +188,58 @@ class ElasticWeightConsolidation(Strategy):
 
     # -- training ---------------------------------------------------------------------
     def penalty(self, model: nn.Module, batch: Batch) -> Optional[torch.Tensor]:
+        """The penalty as a loss term (`penalty_gradient: autograd` only; the analytic path
+        adds its gradient in after_backward and hands the loop no term)."""
+        if self.config.penalty_gradient != "autograd":
+            return None
+        return self.penalty_value(graph=True)
+
+    def penalty_value(self, graph: bool = False) -> Optional[torch.Tensor]:
+        """(lambda / 2) sum_k sum_i F_k,i (theta_i - theta*_k,i)^2 (None before any Fisher);
+        with graph, differentiable in the parameters."""
         if not self.fishers or self.config.ewc_lambda == 0:
             return None
         params = dict(self.ctx.unwrapped_model.named_parameters())
         total = None
-        for fisher, anchor in zip(self.fishers, self.anchors):
-            for name, f in fisher.items():
-                p = params[name]
-                if not p.requires_grad:
-                    continue
-                # Local shards under FSDP: each rank adds its slice of the penalty, whose
-                # gradient lands on exactly the weights it holds (no collective).
-                term = (local(f) * (local(p).float() - local(anchor[name])).pow(2)).sum()
-                total = term if total is None else total + term
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            for fisher, anchor in zip(self.fishers, self.anchors):
+                for name, f in fisher.items():
+                    p = params[name]
+                    if not p.requires_grad:
+                        continue
+                    # Local shards under FSDP: each rank adds its slice of the penalty, whose
+                    # gradient lands on exactly the weights it holds (no collective).
+                    term = (local(f) * (local(p).float() - local(anchor[name])).pow(2)).sum()
+                    total = term if total is None else total + term
         if total is None:
             return None
         return 0.5 * self.config.ewc_lambda * total
 
+    def add_penalty_gradient(self) -> None:
+        """grad += s lambda F (theta - theta*) for every kept pair, where s is the fp16 loss
+        scale the accumulated gradients still carry (the loop unscales at clipping or the
+        step, after this hook; 1 without fp16). One parameter-sized fp32 temporary at a
+        time; under FSDP each rank updates its own shard (the same slices as the weights)."""
+        if not self.fishers or self.config.ewc_lambda == 0:
+            return
+        factor = self.config.ewc_lambda * loss_scale(self.ctx.accelerator)
+        params = dict(self.ctx.unwrapped_model.named_parameters())
+        with torch.no_grad():
+            for fisher, anchor in zip(self.fishers, self.anchors):
+                for name, f in fisher.items():
+                    p = params[name]
+                    if not p.requires_grad:
+                        continue
+                    if p.grad is None:  # untouched by the loss: the penalty alone moves it
+                        p.grad = torch.zeros_like(p)
+                    step = local(p).float() - local(anchor[name])  # a new tensor, safe to scale in place
+                    step.mul_(local(f))
+                    local(p.grad).add_(step, alpha=factor)
+                    del step
+
     def after_backward(self) -> None:
+        if self.config.penalty_gradient == "analytic":
+            self.add_penalty_gradient()  # first: trace_online squares the full objective's gradient
         # The anneal of lr_schedule (infinite) is not one of the task's training steps:
         # TRACE's Fisher is the mean over those (the penalty still acts on the anneal).
         if self.config.fisher != "trace_online" or self.ctx.annealing:
@@ -189,17 +255,38 @@ class ElasticWeightConsolidation(Strategy):
                 if n not in self.grad_sq_sum:
                     # Shaped like the parameter (a DTensor under FSDP, each rank its shard).
                     self.grad_sq_sum[n] = torch.zeros_like(p, dtype=torch.float32)
-                self.grad_sq_sum[n].add_(g.pow(2))
+                self.grad_sq_sum[n].addcmul_(g, g)
         self.grad_steps += 1
 
     def trace_fisher(self) -> dict[str, torch.Tensor]:
-        """TRACE's merge: (F_prev + S) / n, or S / n for the first task; resets S and n."""
+        """TRACE's merge: (F_prev + S) / n, or S / n for the first task; resets S and n.
+        In place, into S (and F_prev's tensors then freed): no third copy at the task end."""
         steps = max(1, self.grad_steps)
         previous = self.fishers[0] if self.fishers else {}
-        fisher = {n: (previous[n] + s if n in previous else s) / steps for n, s in self.grad_sq_sum.items()}
-        fisher.update({n: f / steps for n, f in previous.items() if n not in fisher})
+        fisher = self.grad_sq_sum
+        for n, s in fisher.items():
+            if n in previous:
+                s.add_(previous[n])
+            s.div_(steps)
+        fisher.update({n: f.div_(steps) for n, f in previous.items() if n not in fisher})
         self.grad_sq_sum, self.grad_steps = {}, 0
         return fisher
+
+    def anchor_weights(self, names: Any) -> dict[str, torch.Tensor]:
+        """theta*: the current weights (fp32) of `names`, written into the kept anchor's
+        tensors where there is one (online mode), so two anchors are never alive at once."""
+        model = self.ctx.unwrapped_model
+        reuse = self.anchors[0] if self.config.mode == "online" and self.anchors else {}
+        anchor = {}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n not in names:
+                    continue
+                if n in reuse and reuse[n].shape == p.shape:
+                    anchor[n] = reuse[n].copy_(p.detach())
+                else:
+                    anchor[n] = p.detach().float().clone()
+        return anchor
 
     def after_task(self, t: int, task: Task) -> None:
         if t == len(self.ctx.stream) - 1:
@@ -207,28 +294,29 @@ class ElasticWeightConsolidation(Strategy):
             return  # nothing is trained after the last task: its Fisher would never be used
         started = time.perf_counter()
         if self.config.fisher == "trace_online":
-            task_mean = mean_of({n: s / max(1, self.grad_steps) for n, s in self.grad_sq_sum.items()})
+            self.fisher_means.append(mean_of(self.grad_sq_sum) / max(1, self.grad_steps))
             fisher = self.trace_fisher()
-            self.fisher_means.append(task_mean)
-            model = self.ctx.unwrapped_model
             self.fishers = [fisher]
-            self.anchors = [{n: p.detach().float().clone() for n, p in model.named_parameters() if n in fisher}]
+            self.anchors = [self.anchor_weights(fisher)]
             self.fisher_seconds += time.perf_counter() - started
             return
         fisher = self.fisher_diagonal(t, task.train)
         self.fisher_means.append(mean_of(fisher))  # before normalising: tells the scale lambda meets
         if self.config.normalize_fisher:
             fisher = normalized_by_mean(fisher)
-        model = self.ctx.unwrapped_model
-        anchor = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in fisher}
         if self.config.mode == "separate" or not self.fishers:
             self.fishers.append(fisher)
-            self.anchors.append(anchor)
+            self.anchors.append(self.anchor_weights(fisher))
         else:
-            gamma = self.config.gamma
-            self.fishers[0] = {n: gamma * self.fishers[0][n] + f if n in self.fishers[0] else f
-                               for n, f in fisher.items()}
-            self.anchors[0] = anchor
+            # F <- gamma F + F_new in place: old and new F only, never a third copy.
+            gamma, kept = self.config.gamma, self.fishers[0]
+            for n, f in fisher.items():
+                if n in kept:
+                    kept[n].mul_(gamma).add_(f)
+                else:
+                    kept[n] = f
+            del fisher
+            self.anchors[0] = self.anchor_weights(kept)
         self.fisher_seconds += time.perf_counter() - started
 
     # -- the Fisher pass --------------------------------------------------------------
@@ -278,7 +366,8 @@ class ElasticWeightConsolidation(Strategy):
                 with torch.no_grad():
                     for n, p in named:
                         if p.grad is not None:
-                            fisher[n].add_(p.grad.float().pow(2))
+                            g = p.grad.float()
+                            fisher[n].addcmul_(g, g)
                 self._zero_grads(named)
                 count += 1
         finally:
@@ -288,7 +377,7 @@ class ElasticWeightConsolidation(Strategy):
             fisher = {n: acc.reduce(f, reduction="sum") for n, f in fisher.items()}
             count = int(acc.reduce(torch.tensor(float(count), device=acc.device), reduction="sum").item())
         self.fisher_examples += len(chosen)
-        return {n: f / max(1, count) for n, f in fisher.items()}
+        return {n: f.div_(max(1, count)) for n, f in fisher.items()}
 
     @staticmethod
     def _zero_grads(named: list[tuple[str, nn.Parameter]]) -> None:
@@ -337,6 +426,6 @@ def mean_of(fisher: dict[str, torch.Tensor]) -> float:
 
 
 def normalized_by_mean(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """F / mean(F) over every entry of every tensor (left as is when the mean is 0)."""
+    """F / mean(F) over every entry of every tensor, in place (left as is when the mean is 0)."""
     mean = mean_of(fisher)
-    return {n: f / mean for n, f in fisher.items()} if mean > 0 else fisher
+    return {n: f.div_(mean) for n, f in fisher.items()} if mean > 0 else fisher

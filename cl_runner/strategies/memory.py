@@ -30,6 +30,9 @@ class ModelFacts:
     vocab: int
     largest_unit: int  # parameters of the largest block or top-level module (FSDP unit)
     model: nn.Module  # on the meta device: shapes only
+    intermediate: int = 0  # MLP width (0: unknown, taken as 4 x hidden)
+    kv_dim: int = 0  # key/value heads x head size (0: unknown, taken as hidden)
+    gated_mlp: bool = False  # SwiGLU-style: gate and up projections
 
 
 @dataclass

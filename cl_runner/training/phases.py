@@ -31,6 +31,7 @@ class PhaseStats:
     calls: int = 0
     seconds: float = 0.0
     peak_bytes: Optional[int] = None
+    parent: Optional[str] = None  # the phase it first ran inside (None: at the top)
 
     def add(self, seconds: float, peak: Optional[int]) -> None:
         self.calls += 1
@@ -49,7 +50,7 @@ class PhaseTable:
         return self.phases.setdefault(name, PhaseStats())
 
     def as_dict(self) -> dict[str, dict]:
-        return {name: {"calls": s.calls, "seconds": s.seconds, "peak_bytes": s.peak_bytes}
+        return {name: {"calls": s.calls, "seconds": s.seconds, "peak_bytes": s.peak_bytes, "parent": s.parent}
                 for name, s in self.phases.items()}
 
 
@@ -58,6 +59,7 @@ class _Recorder:
         self.table: Optional[PhaseTable] = None
         self.device: Optional[torch.device] = None
         self.open_peaks: list[int] = []  # the peak seen so far by each open phase, outermost first
+        self.open_names: list[str] = []
 
 
 _RECORDER = _Recorder()
@@ -110,7 +112,11 @@ def phase(name: str) -> Iterator[None]:
         if seen is not None:
             recorder.open_peaks[-1] = max(recorder.open_peaks[-1], seen)
     _reset_peak(device)
+    stats = recorder.table.stats(name)
+    if stats.calls == 0 and stats.parent is None and recorder.open_names:
+        stats.parent = recorder.open_names[-1]
     recorder.open_peaks.append(0)
+    recorder.open_names.append(name)
     started = time.perf_counter()
     try:
         yield
@@ -119,6 +125,7 @@ def phase(name: str) -> Iterator[None]:
         seconds = time.perf_counter() - started
         seen = current_peak_bytes(device)
         peak = recorder.open_peaks.pop()
+        recorder.open_names.pop()
         peak = None if seen is None else max(peak, seen)
         recorder.table.stats(name).add(seconds, peak)
         if recorder.open_peaks and peak is not None:
@@ -131,11 +138,11 @@ def recording(device: Optional[torch.device] = None) -> Iterator[PhaseTable]:
     if _RECORDER.table is not None:
         raise RuntimeError("phases.recording() is already active; one recording at a time")
     table = PhaseTable()
-    _RECORDER.table, _RECORDER.device, _RECORDER.open_peaks = table, device, []
+    _RECORDER.table, _RECORDER.device, _RECORDER.open_peaks, _RECORDER.open_names = table, device, [], []
     try:
         yield table
     finally:
-        _RECORDER.table, _RECORDER.device, _RECORDER.open_peaks = None, None, []
+        _RECORDER.table, _RECORDER.device, _RECORDER.open_peaks, _RECORDER.open_names = None, None, [], []
 
 
 def is_recording() -> bool:

@@ -100,17 +100,50 @@ def test_only_trainable_parameters_get_a_fisher():
     assert values(s.fisher_diagonal(0, POINTS)) == pytest.approx({"w": 6.0})
 
 
-def test_penalty_by_hand_and_its_gradient():
+@pytest.mark.parametrize("path", ["analytic", "autograd"])
+def test_penalty_by_hand_and_its_gradient(path):
     model = Line()
-    s = make(model, stream(POINTS, POINTS), granularity="batch", fisher_batch_size=2, ewc_lambda=2.0)
-    assert s.penalty(model, {}) is None  # nothing consolidated while training task 0
+    s = make(model, stream(POINTS, POINTS), granularity="batch", fisher_batch_size=2, ewc_lambda=2.0,
+             penalty_gradient=path)
+    assert s.penalty_value() is None and s.penalty(model, {}) is None  # nothing consolidated in task 0
     s.after_task(0, s.ctx.stream[0])  # F = (5, 2.5), theta* = (1, 0)
     set_params(model, 2.0, 1.0)
-    penalty = s.penalty(model, {})
     # (2 / 2) * (5 * (2 - 1)^2 + 2.5 * (1 - 0)^2) = 7.5
-    assert float(penalty.detach()) == pytest.approx(7.5)
-    penalty.backward()
+    assert float(s.penalty_value()) == pytest.approx(7.5)
+    penalty = s.penalty(model, {})
+    if path == "autograd":
+        penalty.backward()
+    else:
+        assert penalty is None  # no graph: the gradient is added after backward
+    s.after_backward()
     # d/dtheta = lambda F (theta - theta*) = 2 * (5, 2.5) * (1, 1)
+    assert (float(model.w.grad), float(model.b.grad)) == pytest.approx((10.0, 5.0))
+
+
+def test_analytic_gradient_adds_to_the_loss_gradient_and_carries_the_loss_scale(monkeypatch):
+    model = Line()
+    s = make(model, stream(POINTS, POINTS), granularity="batch", fisher_batch_size=2, ewc_lambda=2.0)
+    s.after_task(0, s.ctx.stream[0])
+    set_params(model, 2.0, 1.0)
+    model.w.grad, model.b.grad = torch.tensor(1.0), None  # b untouched by the loss: gets the penalty's alone
+    s.after_backward()
+    assert (float(model.w.grad), float(model.b.grad)) == pytest.approx((11.0, 5.0))
+    # fp16: the accumulated gradients carry the loss scale until clipping / the step unscale them.
+    scaler = SimpleNamespace(get_scale=lambda: 1024.0, is_enabled=lambda: True)
+    monkeypatch.setattr(s.ctx.accelerator, "scaler", scaler, raising=False)
+    model.w.grad.zero_(), model.b.grad.zero_()
+    s.after_backward()
+    assert (float(model.w.grad), float(model.b.grad)) == pytest.approx((10240.0, 5120.0))
+
+
+def test_bf16_weights_get_the_analytic_gradient_in_their_dtype():
+    model = Line().to(torch.bfloat16)
+    s = make(model, stream(POINTS, POINTS), granularity="batch", fisher_batch_size=2, ewc_lambda=2.0)
+    s.after_task(0, s.ctx.stream[0])
+    assert all(f.dtype == torch.float32 for f in s.fishers[0].values())
+    set_params(model, 2.0, 1.0)
+    s.after_backward()
+    assert model.w.grad.dtype == torch.bfloat16
     assert (float(model.w.grad), float(model.b.grad)) == pytest.approx((10.0, 5.0))
 
 
@@ -148,7 +181,7 @@ def test_separate_mode_keeps_one_pair_per_task():
     assert [values(f) for f in s.fishers] == [pytest.approx({"w": 6.0, "b": 3.0}), pytest.approx({"w": 16.0, "b": 16.0})]
     set_params(model, 3.0, 1.0)
     # 0.5 * [6 * (3-1)^2 + 3 * 1^2] + 0.5 * [16 * (3-2)^2 + 16 * 1^2] = 0.5 * 27 + 0.5 * 32
-    assert float(s.penalty(model, {}).detach()) == pytest.approx(29.5)
+    assert float(s.penalty_value()) == pytest.approx(29.5)
     assert s.extra_state_bytes() == 8 * 4
 
 
@@ -166,7 +199,7 @@ def test_state_round_trip():
     resumed = make(model, stream(POINTS, POINTS), granularity="sample")
     resumed.load_state_dict(s.state_dict())
     set_params(model, 2.0, 2.0)
-    assert float(resumed.penalty(model, {}).detach()) == pytest.approx(float(s.penalty(model, {}).detach()))
+    assert float(resumed.penalty_value()) == pytest.approx(float(s.penalty_value()))
 
 
 # ---------------------------------------------------------------- sampled Fisher
@@ -239,6 +272,7 @@ def test_sampled_fisher_runs_and_differs_from_empirical():
     ("gamma", 1.5, r"strategy\.gamma"),
     ("ewc_lambda", -1.0, r"strategy\.ewc_lambda"),
     ("fisher_samples", 0, r"strategy\.fisher_samples"),
+    ("penalty_gradient", "graph", r"strategy\.penalty_gradient"),
 ])
 def test_bad_options(key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -266,9 +300,10 @@ def no_fisher_pass(*args, **kwargs):
     raise AssertionError("trace_online must not run a Fisher pass")
 
 
-def test_trace_online_fisher_by_hand(monkeypatch):
+@pytest.mark.parametrize("path", ["analytic", "autograd"])
+def test_trace_online_fisher_by_hand(monkeypatch, path):
     model = Line()
-    s = make(model, stream(POINTS, POINTS, POINTS), fisher="trace_online", ewc_lambda=2.0)
+    s = make(model, stream(POINTS, POINTS, POINTS), fisher="trace_online", ewc_lambda=2.0, penalty_gradient=path)
     monkeypatch.setattr(s, "fisher_diagonal", no_fisher_pass)
     # Task 0 (no penalty): batch gradients (3, 2) and (-1, -1): F = ((9, 4) + (1, 1)) / 2.
     trace_step(s, model, POINTS[:2])
@@ -299,7 +334,7 @@ def test_trace_online_is_the_mean_of_squared_full_objective_gradients(monkeypatc
     first = {n: torch.stack([g[n] ** 2 for g in seen]).mean() for n in ("w", "b")}
     assert values(s.fishers[0]) == pytest.approx(values(first))
     seen = [trace_step(s, model, POINTS[i:i + 2], optimizer) for i in (2, 0)]
-    assert float(s.penalty(model, {}).detach()) > 0  # the penalty is in play
+    assert float(s.penalty_value()) > 0  # the penalty is in play
     s.after_task(1, s.ctx.stream[1])
     expected = {n: (first[n] + sum(g[n] ** 2 for g in seen)) / 2 for n in ("w", "b")}
     assert values(s.fishers[0]) == pytest.approx(values(expected))

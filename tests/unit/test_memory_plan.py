@@ -47,7 +47,9 @@ def test_tiny_llama_parameters_gradients_and_adamw_by_hand(tiny_facts):
     assert plan.row("gradients").per_rank_bytes == TINY_LLAMA_PARAMS * 4
     assert plan.row("optimizer state").per_rank_bytes == TINY_LLAMA_PARAMS * 8  # two fp32 moments
     assert plan.row("strategy state").per_rank_bytes == 0  # seq_ft
-    assert plan.row("activations").per_rank_bytes == activation_bytes(64, 64, H, BLOCKS, VOCAB, 4, False)
+    # tiny_llama: h 64, kv 64, gated MLP of 172: 8 x 64 + 2 x 64 + 4 x 172 values per token and block
+    assert plan.row("activations").per_rank_bytes == activation_bytes(64, 64, H, BLOCKS, VOCAB, 4, False,
+                                                                       values_per_token=8 * 64 + 2 * 64 + 4 * 172)
     assert plan.per_rank_total == sum(r.per_rank_bytes for r in plan.rows)
     assert "DDP gradient buckets" not in [r.name for r in plan.rows]  # one process: no DDP
 
@@ -310,3 +312,16 @@ def test_infinite_schedule_counts_the_anneal_copies():
     assert infinite.per_rank_total - plain.per_rank_total == optimizer + parameters
     on_cpu = build_plan(validate(compose(base + ["lr_schedule.curve=infinite", "lr_schedule.backup_on_cpu=true"])))
     assert {r.name: r for r in on_cpu.rows}["anneal copies (infinite schedule)"].per_rank_bytes == optimizer
+
+
+def test_activation_values_per_token_by_hand():
+    from types import SimpleNamespace
+
+    from cl_runner.memory_plan import activation_values_per_token
+
+    # A GPT block (MLP 4h, GeLU, no gate, kv = h): 6h norms + 2h attention + 2h k/v + 2 x 4h MLP = 18h.
+    gpt = SimpleNamespace(hidden=100, kv_dim=0, intermediate=0, gated_mlp=False)
+    assert activation_values_per_token(gpt) == 18 * 100
+    # A LLaMA block with grouped k/v (kv 32) and a gated MLP of 270: 8h + 2 x 32 + 4 x 270.
+    llama = SimpleNamespace(hidden=100, kv_dim=32, intermediate=270, gated_mlp=True)
+    assert activation_values_per_token(llama) == 800 + 64 + 1080

@@ -51,3 +51,14 @@ def test_cpu_peak_sees_a_large_allocation_and_the_outer_phase_keeps_it():
         pytest.skip("this kernel does not reset VmHWM through /proc/self/clear_refs")
     assert big - small >= 48 * 2**20
     assert outer >= big
+
+
+def test_a_phase_knows_the_phase_it_first_ran_in():
+    with recording() as table:
+        with phase("outer"):
+            with phase("inner"):
+                pass
+        with phase("inner"):  # later calls elsewhere keep the first parent
+            pass
+    assert table.phases["inner"].parent == "outer" and table.phases["outer"].parent is None
+    assert table.as_dict()["inner"]["parent"] == "outer"

@@ -69,8 +69,9 @@ class ContinualMerging(Strategy):
         if self.config.state_on_cpu:
             return StrategyEstimate(self.name, notes=[f"{what} ({gib(copies)}), in host memory (state_on_cpu)"])
         return StrategyEstimate(self.name, state_bytes=copies, notes=[what],
-                                transient_bytes=FP32 * inputs.trainable,
-                                transient_note="after a task: its task vector tau (fp32) beside theta_0 and the merge")
+                                transient_bytes=2 * FP32 * inputs.trainable,
+                                transient_note="after a task: its task vector tau (fp32) and theta_0 + merged, built "
+                                               "whole (fp32) before it is loaded, beside theta_0 and the merge")
 
     # -- life cycle ---------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
