@@ -44,13 +44,13 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_output import write_bench_outputs  # noqa: E402  (same folder)
 
-# Phases a strategy marks from outside its module (strategies may not import the training
-# room, docs/layout.md): strategy name -> {method: phase}. The profiler wraps these methods
-# of the built strategy in `phase(...)`.
-INNER_PHASES: dict[str, dict[str, str]] = {
-    "ewc": {"fisher_diagonal": "ewc/fisher", "add_penalty_gradient": "ewc/penalty_gradient",
-            "anchor_weights": "ewc/anchor", "trace_fisher": "ewc/trace_merge"},
-}
+# A strategy names its inner phases in its module's `PHASES` ({method: phase name}; the
+# strategies room may not import training.phases, docs/layout.md): the profiler wraps
+# those methods of the built strategy in `phase(...)`.
+
+
+def inner_phases(member: Any) -> dict[str, str]:
+    return getattr(sys.modules[type(member).__module__], "PHASES", {})
 # What every profiled run gets before the caller's overrides: no tracker, no bar, no saved
 # predictions, no monitor tasks, a short warm-up-free schedule.
 RUN = ["logger=none", "trainer.progress_bar=false", "evaluation.save_predictions=false", "evaluation.monitor=[]",
@@ -149,11 +149,11 @@ def resident_bytes() -> Optional[int]:
 
 
 def wrap_inner_phases(strategy: Any) -> None:
-    """Mark the INNER_PHASES methods of every member of the run's strategy stack."""
+    """Mark the methods named in each stack member's module PHASES."""
     from cl_runner.training.phases import phase
 
     for member in getattr(strategy, "members", [strategy]):
-        for method, name in INNER_PHASES.get(member.name, {}).items():
+        for method, name in inner_phases(member).items():
             original = getattr(member, method, None)
             if original is None:
                 continue

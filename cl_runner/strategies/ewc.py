@@ -68,6 +68,10 @@ MODES = ("online", "separate")
 FISHERS = ("empirical", "sampled", "trace_online")
 GRANULARITIES = ("batch", "sample")
 PENALTY_GRADIENTS = ("analytic", "autograd")
+# method -> phase name, for scripts/profile_strategy.py (which wraps these methods: the
+# strategies room may not import training.phases).
+PHASES = {"fisher_diagonal": "ewc/fisher", "add_penalty_gradient": "ewc/penalty_gradient",
+          "anchor_weights": "ewc/anchor", "trace_fisher": "ewc/trace_merge"}
 
 
 @dataclass
