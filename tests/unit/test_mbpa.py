@@ -289,3 +289,39 @@ def test_memory_estimate_counts_the_key_encoder_and_the_stored_examples():
     capped = MbPA(OmegaConf.structured(MbPAConfig(max_per_task=10))).memory_estimate(
         PlanInputs(cfg=cfg, facts=facts, n_tasks=3, param_bytes=2, trainable=1000))
     assert capped.host_bytes == 3 * 10 * (8 * 4 + 16 * 4)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_t5"])
+def test_on_a_real_tiny_model_adaptation_changes_the_weights_and_evaluation_gives_them_back(model_name):
+    from cl_runner.config.validate import validate
+    from cl_runner.evaluation.predict import predict
+    from cl_runner.models.batching import Collator, compute_loss
+    from cl_runner.models.build import build_model
+    from tests.helpers import compose
+
+    cfg = validate(compose([f"model={model_name}"]))
+    torch.manual_seed(0)
+    bundle = build_model(cfg.model, None, None)
+    model, kind = bundle.model, cfg.model.kind
+    collate = Collator(kind, bundle.tokenizer, 64)
+    train = [Example(f"I:{i:05d}=", f"{i + 1:05d}", "increment") for i in range(12)]
+    stream = TaskStream("s", [Task("increment", train, train[:3])])
+    s = MbPA(OmegaConf.structured(MbPAConfig(neighbours=4, local_steps=2, local_lr=0.5, replay_examples=0)))
+    s.setup(StrategyContext(accelerator=Accelerator(cpu=True), model=model, stream=stream, model_kind=kind,
+                            model_family="test", seed=0, trainer=SimpleNamespace(batch_size=4, grad_accum=1),
+                            loss_fn=compute_loss, collate=collate))
+    plan(s, 0, [train[i:i + 4] for i in range(0, 12, 4)], 3)
+    s.after_task(0, stream[0])
+    assert s.keys.shape == (12, model.config.d_model if kind == "seq2seq" else model.config.hidden_size)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved = []
+    decoding = SimpleNamespace(max_new_tokens=3, decoding="greedy", temperature=None, top_p=None)
+
+    def plain(chunk):
+        moved.append(any(not torch.equal(p, before[n]) for n, p in model.named_parameters()))
+        return predict(model, collate, stream[0], chunk, decoding, batch_size=4)
+
+    out = s.predict_examples(0, 0, stream[0], stream[0].test, plain)
+    assert len(out) == 3 and moved == [True, True, True]  # each prediction saw adapted weights
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the stored model, bit for bit
+    assert all(p.grad is None for p in model.parameters())
