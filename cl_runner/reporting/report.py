@@ -496,7 +496,8 @@ def csv_text(groups: dict[tuple, list[RunResult]]) -> str:
             values = [
                 r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
                 r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
-                r.num_tasks, r.wall_time_s, r.test_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path, r.settings,
+                r.num_tasks, r.wall_time_s, r.test_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path,
+                r.settings,
                 " ".join(r.tasks) if r.tasks else None, r.monitor_change,
             ]
             writer.writerow(["" if v is None else v for v in values])

@@ -270,8 +270,8 @@ class MbPA(Strategy):
 
     def report(self) -> dict[str, Any]:
         names = self.ctx.stream.names if self.ctx is not None else []
-        return {"memory_examples": len(self.memory),
-                "replayed_examples": {names[t] if t < len(names) else str(t): n for t, n in sorted(self.replayed.items())},
+        named = {names[t] if t < len(names) else str(t): n for t, n in sorted(self.replayed.items())}
+        return {"memory_examples": len(self.memory), "replayed_examples": named,
                 "local_adaptations": self.adaptations, "local_adaptation_s": self.adaptation_seconds}
 
 

@@ -29,8 +29,10 @@ def nearest_neighbours(keys: torch.Tensor, query: torch.Tensor, k: int) -> list[
 
 def pooled_keys(encoder: nn.Module, inputs: Batch, kind: str) -> torch.Tensor:
     """Mean of the last hidden states over the input's tokens (fp32, on the CPU): one key
-    per example. The encoder side of a seq2seq model; the whole model otherwise."""
-    with torch.no_grad():
+    per example. The encoder side of a seq2seq model; the whole model otherwise. Autocast off:
+    memory keys (after a task) and queries (inside the evaluation's autocast) are computed alike."""
+    device = inputs["input_ids"].device.type
+    with torch.no_grad(), torch.autocast(device_type=device, enabled=False):
         if kind == "seq2seq":
             hidden = encoder.get_encoder()(input_ids=inputs["input_ids"],
                                            attention_mask=inputs["attention_mask"]).last_hidden_state
