@@ -325,3 +325,17 @@ def test_on_a_real_tiny_model_adaptation_changes_the_weights_and_evaluation_give
     assert len(out) == 3 and moved == [True, True, True]  # each prediction saw adapted weights
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the stored model, bit for bit
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_cl_report_shows_and_writes_the_test_time(tmp_path):
+    import json
+
+    from cl_runner.reporting.report import csv_text, group_runs, load_run, table_row
+
+    metrics = {"strategy": "mbpa", "task_stream": "s", "model": "m", "ACC": 0.5, "wall_time_s": 75.0,
+               "test_time_s": 40.0, "tasks": ["a"]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    run = load_run(tmp_path / "metrics.json")
+    assert run.test_time_s == 40.0 and table_row(run)[10] == "1m15s (test-time 40.0s)"
+    header, row = csv_text(group_runs([run])).splitlines()
+    assert dict(zip(header.split(","), row.split(",")))["test_time_s"] == "40.0"
