@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cl_runner.errors import require
+from cl_runner.errors import require, require_choice
 from cl_runner.strategies.base import Strategy, StrategyContext
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count, gib
 from cl_runner.strategies.parts.local_adaptation import (
@@ -47,6 +47,8 @@ from cl_runner.strategies.parts.local_adaptation import (
 )
 from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
+
+DISTANCES = ("euclidean", "dot")
 
 
 @dataclass
@@ -71,6 +73,8 @@ class MbPAConfig:
     local_steps: int = 30
     local_lr: float = 1e-3
     local_l2: float = 1e-3
+    # How neighbours are ranked: euclidean (the paper) | dot (largest inner product, TRACE).
+    distance: str = "euclidean"
     # Test examples adapted together on the neighbours of their mean key: 1 = one
     # adaptation per test example (the paper); more is cheaper and approximate.
     share_neighbours: int = 1
@@ -96,6 +100,7 @@ class MbPA(Strategy):
             require(getattr(config, key) >= 0, f"strategy.{key}", getattr(config, key), "use 0 or a positive integer")
         require(config.local_lr > 0, "strategy.local_lr", config.local_lr, "use a learning rate > 0 (paper: 1e-3)")
         require(config.local_l2 >= 0, "strategy.local_l2", config.local_l2, "use a value >= 0 (paper: 1e-3)")
+        require_choice(config.distance, "strategy.distance", DISTANCES)
         for key in ("share_neighbours", "key_batch_size"):
             require(getattr(config, key) >= 1, f"strategy.{key}", getattr(config, key), "use a positive integer")
         self.memory: list[Example] = []
@@ -197,7 +202,7 @@ class MbPA(Strategy):
             for start in range(0, len(examples), c.share_neighbours):
                 group = examples[start:start + c.share_neighbours]
                 began = time.perf_counter()
-                chosen = nearest_neighbours(self.keys, queries[start:start + len(group)], c.neighbours)
+                chosen = nearest_neighbours(self.keys, queries[start:start + len(group)], c.neighbours, c.distance)
                 batch = self.ctx.collate([self.memory[i] for i in chosen])
                 stored = adapt_locally(model, params, self.ctx.loss_fn, batch, c.local_steps, c.local_lr, c.local_l2)
                 spent += time.perf_counter() - began

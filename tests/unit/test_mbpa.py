@@ -45,6 +45,8 @@ def test_euclidean_not_dot_product():
     # TRACE ranks by dot product, which prefers the long key; the paper's distance the close one.
     keys = torch.tensor([[10.0, 0.0], [1.0, 0.0]])
     assert nearest_neighbours(keys, torch.tensor([1.0, 0.0]), 1) == [1]
+    assert nearest_neighbours(keys, torch.tensor([1.0, 0.0]), 1, "dot") == [0]  # distance: dot, as TRACE
+    assert nearest_neighbours(torch.tensor([[1.0], [2.0], [2.0]]), torch.tensor([1.0]), 2, "dot") == [1, 2]
 
 
 def test_a_group_of_queries_shares_the_neighbours_of_its_mean():
@@ -261,7 +263,7 @@ def test_state_round_trip():
 
 @pytest.mark.parametrize("key,value", [("write_prob", 0.0), ("write_prob", 1.5), ("neighbours", -1),
                                        ("local_lr", 0.0), ("local_l2", -1.0), ("share_neighbours", 0),
-                                       ("max_per_task", 0), ("replay_examples", -1)])
+                                       ("max_per_task", 0), ("replay_examples", -1), ("distance", "cosine")])
 def test_bad_options_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"strategy.{key}"):
         MbPA(OmegaConf.structured(MbPAConfig(**{key: value})))

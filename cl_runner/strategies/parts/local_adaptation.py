@@ -14,14 +14,18 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
-def nearest_neighbours(keys: torch.Tensor, query: torch.Tensor, k: int) -> list[int]:
+def nearest_neighbours(keys: torch.Tensor, query: torch.Tensor, k: int, distance: str = "euclidean") -> list[int]:
     """Indices of the k rows of `keys` (n x d) nearest `query` (d, or m x d: the memories
     with the least summed squared distance to all m queries, which are the ones nearest
-    their mean). Euclidean, as the paper; ties go to the earlier memory, so every process
-    and a resumed run pick the same ones. Nearest first."""
+    their mean). `euclidean` as the paper; `dot`: the largest inner product, as TRACE
+    ranks them. Ties go to the earlier memory, so every process and a resumed run pick the
+    same ones. Nearest first."""
     if query.dim() == 2:
         query = query.mean(0)
-    dist = (keys.double() - query.double()).pow(2).sum(1)
+    if distance == "dot":
+        dist = -(keys.double() @ query.double())
+    else:
+        dist = (keys.double() - query.double()).pow(2).sum(1)
     # A stable sort keeps equal distances in memory order.
     order = torch.sort(dist, stable=True).indices
     return order[: min(k, keys.shape[0])].tolist()
