@@ -129,8 +129,8 @@ class MbPA(Strategy):
                            f"gradients (plus the activations of {c.neighbours} neighbours)",
             host_bytes=entries * per_entry,
             notes=[f"mbpa: the frozen key encoder, a copy of the model ({gib(encoder)}); in host memory up to "
-                   f"{entries} stored examples (task_stream.train_size x write_prob per task) with fp32 keys of "
-                   f"{facts.hidden} values ({gib(per_entry)} each at most)"])
+                   f"{entries} stored examples (task_stream.train_size x write_prob a task, at most max_per_task) "
+                   f"with fp32 keys of {facts.hidden} values ({gib(per_entry)} each at most)"])
 
     # -- life cycle ---------------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
