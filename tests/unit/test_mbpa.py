@@ -341,3 +341,20 @@ def test_cl_report_shows_and_writes_the_test_time(tmp_path):
     assert run.test_time_s == 40.0 and table_row(run)[10] == "1m15s (test-time 40.0s)"
     header, row = csv_text(group_runs([run])).splitlines()
     assert dict(zip(header.split(","), row.split(",")))["test_time_s"] == "40.0"
+
+
+def test_a_failing_step_gives_the_weights_back():
+    model = Keyed()
+    params = [model.w, model.b]
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def failing(m, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return loss_fn(m, batch)
+
+    with pytest.raises(RuntimeError):
+        adapt_locally(model, params, failing, {"target": torch.tensor([3.0])}, steps=3, lr=0.1, l2=0.0)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -69,16 +69,20 @@ def adapt_locally(model: nn.Module, params: list[nn.Parameter], loss_fn: Callabl
     the weights held on entry; returns those weights (to give back to `restore`). The
     gradients go through torch.autograd.grad, so no parameter's .grad is touched."""
     stored = [p.detach().clone() for p in params]
-    with torch.enable_grad():
-        for _ in range(steps):
-            objective = loss_fn(model, batch)
-            if l2:
-                objective = objective + l2 * l2_pull(params, stored)
-            grads = torch.autograd.grad(objective, params, allow_unused=True)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    if g is not None:
-                        p.sub_(lr * g.to(p.dtype))
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                objective = loss_fn(model, batch)
+                if l2:
+                    objective = objective + l2 * l2_pull(params, stored)
+                grads = torch.autograd.grad(objective, params, allow_unused=True)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        if g is not None:
+                            p.sub_(lr * g.to(p.dtype))
+    except BaseException:  # out of memory, an interrupt: the stored weights come back first
+        restore(params, stored)
+        raise
     return stored
 
 
