@@ -65,6 +65,7 @@ class RunResult:
     num_tasks: Optional[int] = None
     wall_time_s: Optional[float] = None
     train_time_s: Optional[float] = None  # the training steps alone (no evaluation)
+    test_time_s: Optional[float] = None  # a strategy's own test-time work (MbPA++'s local adaptation)
     optimizer_steps: Optional[float] = None
     peak_memory_bytes: Optional[float] = None
     strategy_extra_bytes: Optional[float] = None
@@ -256,6 +257,7 @@ def load_run(path: Path) -> RunResult:
         num_tasks=len(tasks) if isinstance(tasks, list) else None,
         wall_time_s=_number(data.get("wall_time_s"), "wall_time_s", path),
         train_time_s=_number(data.get("train_time_s"), "train_time_s", path),
+        test_time_s=_number(data.get("test_time_s"), "test_time_s", path),
         optimizer_steps=_number(data.get("optimizer_steps"), "optimizer_steps", path),
         peak_memory_bytes=_number(data.get("peak_memory_bytes"), "peak_memory_bytes", path),
         strategy_extra_bytes=_number(data.get("strategy_extra_bytes"), "strategy_extra_bytes", path),
@@ -394,8 +396,14 @@ def table_row(run: RunResult) -> list[str]:
     return [
         run.run_id, run.model, run.stream, run.strategy_label,
         _fmt(run.ACC), gap, _fmt(run.BWT, signed=True), _fmt(run.FWT, signed=True),
-        _fmt(run.forgetting), _fmt(run.LA), format_duration(run.wall_time_s), format_bytes(run.peak_memory_bytes),
+        _fmt(run.forgetting), _fmt(run.LA), time_cell(run), format_bytes(run.peak_memory_bytes),
     ]
+
+
+def time_cell(run: RunResult) -> str:
+    """Wall time, and the part a strategy spent on its own test-time work (MbPA++)."""
+    wall = format_duration(run.wall_time_s)
+    return f"{wall} (test-time {format_duration(run.test_time_s)})" if run.test_time_s else wall
 
 
 def render_table(rows: Sequence[Sequence[str]]) -> str:
@@ -473,7 +481,7 @@ def environment_note(runs: Sequence[RunResult]) -> str:
 
 CSV_COLUMNS = (
     "stream", "model", "strategy", "run", "ACC", "gap_to_multitask", "reference_run", "BWT", "FWT",
-    "forgetting", "LA", "num_tasks", "wall_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
+    "forgetting", "LA", "num_tasks", "wall_time_s", "test_time_s", "peak_memory_bytes", "strategy_extra_bytes", "path",
     "settings", "tasks", "monitor_change",
 )
 
@@ -488,7 +496,8 @@ def csv_text(groups: dict[tuple, list[RunResult]]) -> str:
             values = [
                 r.stream, r.model, r.strategy, r.run_id, r.ACC, r.gap,
                 r.reference.run_id if r.reference else None, r.BWT, r.FWT, r.forgetting, r.LA,
-                r.num_tasks, r.wall_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path, r.settings,
+                r.num_tasks, r.wall_time_s, r.test_time_s, r.peak_memory_bytes, r.strategy_extra_bytes, r.path,
+                r.settings,
                 " ".join(r.tasks) if r.tasks else None, r.monitor_change,
             ]
             writer.writerow(["" if v is None else v for v in values])

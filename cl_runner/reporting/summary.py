@@ -93,8 +93,11 @@ def format_cost(metrics: dict[str, Any]) -> str:
             evals = sum(t.get("eval", 0.0) for t in metrics.get("task_time_s") or [])
         sessions = metrics.get("sessions") or 1
         over = f" over {sessions} sessions" if sessions > 1 else ""
+        # A strategy's own work at test time (MbPA++'s local adaptation) is part of eval.
+        test_time = metrics.get("test_time_s")
+        of_it = f", of which test-time adaptation {format_duration(test_time)}" if test_time else ""
         parts.append(f"{format_duration(metrics['wall_time_s'])}{over} (train "
-                     f"{format_duration(metrics.get('train_time_s'))}, eval {format_duration(evals)})")
+                     f"{format_duration(metrics.get('train_time_s'))}, eval {format_duration(evals)}{of_it})")
     if metrics.get("train_tokens_per_s"):
         parts.append(f"{metrics['train_tokens_per_s']:,.0f} train tokens/s")
     if metrics.get("peak_memory_bytes"):
@@ -142,6 +145,7 @@ def finish_run(run: RunContext, progress: Progress, wall_time_s: float) -> dict[
         "wall_time_s": wall_time_s,
         "train_time_s": progress.train_seconds,
         "eval_time_s": progress.eval_seconds,
+        "test_time_s": run.strategy.test_time_seconds(),  # the strategy's own work inside eval_time_s
         "sessions": progress.sessions,
         "task_time_s": progress.task_seconds,
         "train_tokens": progress.train_tokens,

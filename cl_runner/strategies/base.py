@@ -178,6 +178,21 @@ class Strategy:
         (per_task_ft: task k's own model)."""
         return contextlib.nullcontext()
 
+    def predict_examples(self, t: int, k: Optional[int], task: Task, examples: list[Example],
+                         predict: Callable[[list[Example]], list[str]]) -> list[str]:
+        """Inside `evaluation_weights_for(t, k)`: the predictions for `examples` (this
+        process's test examples of stream task k, or of a monitor task when k is None), in
+        their order. `predict(examples)` is the plain prediction with the weights the model
+        holds; a strategy may change the weights around its calls (MbPA++'s local
+        adaptation) and must leave them as it found them. Not called for the row before
+        training. Default: the plain prediction."""
+        return predict(examples)
+
+    def test_time_seconds(self) -> float:
+        """Seconds of evaluation spent on the strategy's own work at test time (MbPA++'s
+        local adaptation), part of eval_time_s: metrics.json, the cost line, cl-report."""
+        return 0.0
+
     # -- bookkeeping ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}

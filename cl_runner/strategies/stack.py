@@ -162,6 +162,19 @@ class StrategyStack(Strategy):
                 stack.enter_context(m.evaluation_weights_for(t, k))
             yield
 
+    def predict_examples(self, t: int, k: Optional[int], task: Task, examples: list[Example],
+                         predict: Callable[[list[Example]], list[str]]) -> list[str]:
+        # Nested like evaluation_weights: the base outermost, each member wrapping the next.
+        def wrapped(member: Strategy, inner: Callable[[list[Example]], list[str]]):
+            return lambda chunk: member.predict_examples(t, k, task, chunk, inner)
+
+        for m in reversed(self.members):
+            predict = wrapped(m, predict)
+        return predict(examples)
+
+    def test_time_seconds(self) -> float:
+        return sum(m.test_time_seconds() for m in self.members)
+
     def state_dict(self) -> dict[str, Any]:
         return {m.name: m.state_dict() for m in self.members}
 

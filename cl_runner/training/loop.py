@@ -549,8 +549,13 @@ class ContinualLoop:
             # After a task, the strategy may hold other weights for each task (per_task_ft).
             own = self.strategy.evaluation_weights_for(tasks_learned - 1, j if kind == "task" else None) \
                 if tasks_learned else contextlib.nullcontext()
+            def plain(examples: list[Example], task: Task = task) -> list[str]:
+                return predict(model, self.collate, task, examples, ev, ev.batch_size, synced=self.sharded)
+
             with own, self.accelerator.autocast():
-                local = predict(model, self.collate, task, shard, ev, ev.batch_size, synced=self.sharded)[:size]
+                # After a task, the strategy may take the prediction over (MbPA++ adapts first).
+                local = (self.strategy.predict_examples(tasks_learned - 1, j if kind == "task" else None, task, shard,
+                                                        plain) if tasks_learned else plain(shard))[:size]
             gathered = gather_object([(rank + world * i, p) for i, p in enumerate(local)]) if world > 1 else list(enumerate(local))
             predictions = [p for _, p in sorted(gathered, key=lambda x: x[0])]
             value, per_item = score(task.scorer, predictions, [e.answer for e in task.test], [e.prompt for e in task.test])
