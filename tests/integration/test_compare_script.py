@@ -21,6 +21,7 @@ def compare(tmp_path, *args):
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow  # two real runs and three reports; the report itself is tested in tests/unit/test_seed_report.py
 def test_compare_runs_each_strategy_once_and_writes_the_comparison(tmp_path):
     first = compare(tmp_path, "--only", "seq_ft", "rewarm_replay", "--", *TINY)
     assert first.returncode == 0, first.stderr[-3000:]

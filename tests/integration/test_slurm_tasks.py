@@ -70,6 +70,7 @@ def test_two_slurm_tasks_make_one_distributed_run(sharding, tmp_path):
     assert len(metrics["R"]) == 3 and all(len(row) == 2 for row in metrics["R"])  # before training + after each task
 
 
+@pytest.mark.slow  # the two-task cases above go through the same SLURM set-up
 def test_one_slurm_task_stays_a_single_process(tmp_path):
     run_dir = tmp_path / "run"
     (proc,) = slurm_tasks(TINY + [f"output_dir={run_dir}"], tmp_path, ntasks=1)

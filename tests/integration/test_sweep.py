@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 TINY = ["logger=none", "trainer.progress_bar=false", "task_stream.train_size=100", "task_stream.test_size=8",
         "trainer.steps_per_task=5", "task_stream.order=[reverse,increment]", "experiment_name=sweep"]
 
 
+@pytest.mark.slow  # sweeps and their folders also run in test_table_command.py
 def test_sweep_makes_one_folder_per_job_and_report_names_the_swept_value(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "cl_runner.cli", "-m", "trainer.lr=0.003,0.001", *TINY], cwd=tmp_path, env=env,

@@ -136,6 +136,7 @@ def test_local_configs_folder_shadows_package(tmp_path, monkeypatch):
     assert "name: my_model" in out.stdout
 
 
+@pytest.mark.slow  # two cl-run processes; the search-path plugin is also covered by test_local_configs_folder_shadows_package
 def test_local_default_config_is_read_and_the_command_line_wins(tmp_path):
     """configs/local/default.yaml in the working directory (git-ignored, top-level keys) is
     merged into every run; an override on the command line still wins over it."""
