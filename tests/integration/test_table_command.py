@@ -30,8 +30,8 @@ def test_row_presets_swept_over_orders_make_the_table_of_the_sweep(tmp_path):
     """The table machinery on the built-in stream (what +table=<name> composes): row presets
     x two orders, each job linked into the sweep folder, the report laid out as a paper's."""
     done = cl(["-m", "+table_row=olora/seq_ft,olora/ewc", "task_stream.order=[reverse,increment],[increment,reverse]",
-               "experiment_name=tbl", "task_stream.train_size=64", "task_stream.test_size=8",
-               "trainer.steps_per_task=3", *QUICK], tmp_path)
+               "experiment_name=tbl", "task_stream.train_size=32", "task_stream.test_size=4",
+               "trainer.steps_per_task=2", *QUICK], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     sweeps = list((tmp_path / "results" / "tbl" / "sweeps").glob("*"))
     assert len(sweeps) == 1 and len([p for p in sweeps[0].iterdir() if p.is_symlink()]) == 4
@@ -44,7 +44,7 @@ def test_row_presets_swept_over_orders_make_the_table_of_the_sweep(tmp_path):
     assert (sweeps[0] / "table.md").read_text().strip() == shown.stdout.strip()
 
 
-@pytest.mark.parametrize("table, jobs", [pytest.param("olora_standard", 36, marks=pytest.mark.slow), ("trace", 11)])
+@pytest.mark.parametrize("table, jobs", [pytest.param("olora_standard", 36, marks=pytest.mark.slow), pytest.param("trace", 11, marks=pytest.mark.slow)])
 def test_a_full_table_dry_run_lists_every_job_with_its_plan_offline(tmp_path, table, jobs):
     done = cl(["-m", f"+table={table}", "dry_run=true", "plan_world_size=8", "plan_gpu_memory_gb=80"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
