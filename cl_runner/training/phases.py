@@ -98,13 +98,18 @@ def _sync(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
+_NOT_RECORDING = contextlib.nullcontext()
+
+
+def phase(name: str) -> contextlib.AbstractContextManager:
+    """Count the enclosed work as phase `name` while a recording is active; otherwise a
+    shared no-op context (the training step enters a dozen phases: no generator each)."""
+    return _NOT_RECORDING if _RECORDER.table is None else _recorded(name)
+
+
 @contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Count the enclosed work as phase `name` while a recording is active."""
+def _recorded(name: str) -> Iterator[None]:
     recorder = _RECORDER
-    if recorder.table is None:
-        yield
-        return
     device = recorder.device
     _sync(device)
     if recorder.open_peaks:  # the outer phase keeps what it saw before this one resets
