@@ -54,6 +54,10 @@ class StrategyContext:
     annealing: bool = False
     # The run folder (strategies that keep large state on disk write under it); None in tests.
     run_dir: Optional[Path] = None
+    # The examples this process's current micro-batch was collated from, set by the loop
+    # before its forward: a penalty that needs the text behind the tensors (lfpt5's
+    # generation objective) reads them. None outside a training step.
+    batch_examples: Optional[list[Example]] = None
 
     @property
     def unwrapped_model(self) -> nn.Module:

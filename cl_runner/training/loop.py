@@ -430,7 +430,9 @@ class ContinualLoop:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         total_loss, tokens = 0.0, 0
         for i, examples in enumerate(micro):
-            batch = self.collate(examples[rank::world])
+            mine = examples[rank::world]
+            batch = self.collate(mine)
+            self.strategy_ctx.batch_examples = mine
             sync = i == len(micro) - 1
             with self._gradient_sync(sync):
                 with self.accelerator.autocast():
@@ -448,6 +450,7 @@ class ContinualLoop:
             summed = self.accelerator.reduce(torch.tensor([total_loss, float(tokens)], device=self.accelerator.device),
                                              reduction="sum")
             total_loss, tokens = summed[0].item() / world, int(summed[1].item())
+        self.strategy_ctx.batch_examples = None
         with phase("after_backward"):
             self.strategy.after_backward()
         if self.trainer.max_grad_norm:
