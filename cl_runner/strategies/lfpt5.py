@@ -250,8 +250,9 @@ class LFPT5(PromptStrategy):
             notes=[f"{self.name}: one prompt of {length} vectors ({count(prompt)} fp32, the only weights that "
                    "train) and its copy as the task started (the KL's teacher); pseudo examples are text in host "
                    "memory"],
-            transient_note="per micro-batch: the teacher's logits and both log-softmaxes (fp32), and a second "
-                           "forward and backward for the generation objective")
+            transient_note="per micro-batch: the teacher's logits and both log-softmaxes (fp32); not counted: the "
+                           "generation objective's forward, alive with the task's until backward (its activations "
+                           "about equal the task's row)")
 
     def extra_state_bytes(self) -> int:
         return tensor_bytes(self.teacher) if self.teacher else 0

@@ -44,14 +44,14 @@ def test_row_presets_swept_over_orders_make_the_table_of_the_sweep(tmp_path):
     assert (sweeps[0] / "table.md").read_text().strip() == shown.stdout.strip()
 
 
-@pytest.mark.parametrize("table, jobs", [pytest.param("olora_standard", 36, marks=pytest.mark.slow), pytest.param("trace", 11, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("table, jobs", [pytest.param("olora_standard", 39, marks=pytest.mark.slow), pytest.param("trace", 12, marks=pytest.mark.slow)])
 def test_a_full_table_dry_run_lists_every_job_with_its_plan_offline(tmp_path, table, jobs):
     done = cl(["-m", f"+table={table}", "dry_run=true", "plan_world_size=8", "plan_gpu_memory_gb=80"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert f"Launching {jobs} jobs" in out
     assert out.count("total per rank") == jobs
-    assert len(set(re.findall(r"^  row: (.+)$", out, re.M))) == (12 if table == "olora_standard" else 11)
+    assert len(set(re.findall(r"^  row: (.+)$", out, re.M))) == (13 if table == "olora_standard" else 12)
     assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
 
 

@@ -142,3 +142,47 @@ def test_randomized_is_chosen_per_target_not_per_shape(monkeypatch):
             assert (2 * (k + 2) <= min(shape)) == (method == "randomized"), (method, shape, k)
     sketched = {shape for shape, _ in zip(*by_method["randomized"])}
     assert sketched & set(by_method["exact"][0])  # one shape, both methods
+
+
+def test_auto_measures_each_shape_once_and_keeps_the_faster_method_within_tolerance(monkeypatch):
+    """svd_method=auto: the first task start runs both methods on each shape's sketchable
+    targets and keeps, per shape, the faster one whose residual is within tolerance; later
+    task starts run the kept method only; the choice survives a checkpoint."""
+    calls = []
+    real = ops.top_k_bases
+    clock = {"t": 0.0}
+
+    def recording(weights, ks, method="exact", **kwargs):
+        calls.append((method, tuple(weights[0].shape), len(weights)))
+        clock["t"] += 1.0 if method == "randomized" else 5.0  # the sketch "runs" 5x faster
+        return real(weights, ks, method=method, **kwargs)
+
+    monkeypatch.setattr(ops, "top_k_bases", recording)
+    import cl_runner.strategies.svd_orthogonal.strategy as module
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock["t"])
+    # random weights have a flat spectrum: the sketch leaves ~2% more of W out than the SVD
+    strategy, model, ctx = build("llama", svd_method="auto", svd_oversample=2, svd_auto_tolerance=0.05)
+    strategy.before_task(0, ctx.stream[0])
+    choices = strategy.report()["svd_choices"]
+    assert choices and all(c["method"] == "randomized" and c["randomized_seconds"] < c["exact_seconds"]
+                           for c in choices.values())
+    assert all(0 <= c["residual_excess"] <= 0.05 for c in choices.values())
+    measured = {shape for method, shape, _ in calls if method == "randomized"}
+    assert {"x".join(map(str, s)) for s in measured} == set(choices)
+    # a tolerance nothing meets: exact everywhere, still measured once per shape
+    strict, _, ctx2 = build("llama", svd_method="auto", svd_oversample=2, svd_auto_tolerance=0.0)
+    clock["t"] = 0.0
+    strict.before_task(0, ctx2.stream[0])
+    assert {c["method"] for c in strict.report()["svd_choices"].values()} == {"exact"}
+    # the next task start: the kept method alone, no second measurement
+    strategy.after_task(0, ctx.stream[0])
+    calls.clear()
+    strategy.before_task(1, ctx.stream[1])
+    # each shape: its kept method for the targets the sketch may take, exact for those whose k
+    # grew past r/2; one call each, nothing measured again
+    assert strategy.report()["svd_choices"] == choices
+    pairs = [(method, shape) for method, shape, _ in calls]
+    assert len(pairs) == len(set(pairs)) and any(method == "randomized" for method, _ in pairs)
+    restored, _, _ = build("llama", svd_method="auto", svd_oversample=2, svd_auto_tolerance=0.05)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.report()["svd_choices"] == choices

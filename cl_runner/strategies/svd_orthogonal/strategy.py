@@ -65,7 +65,7 @@ RANK_MODES = ("adaptive", "ratio")
 FIRST_TASK = ("full", "constrained")
 BASES_MODES = ("current", "accumulate")
 BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SVD_METHODS = ("exact", "randomized")
+SVD_METHODS = ("exact", "randomized", "auto")
 # both: gradient projected after backward and the update re-projected after the step;
 # update: only the update (exact constraint, one projection); gradient: only the gradient.
 PROJECTION_POINTS = ("both", "update", "gradient")
@@ -159,8 +159,12 @@ class SVDOrthogonalConfig:
     rank_budget: float = 0.9
     # Storage dtype of the bases (math is fp32 either way): fp32 | bf16.
     basis_dtype: str = "fp32"
-    # exact (batched torch.linalg.svd) | randomized (range finder), via cl_runner.ops.
+    # exact (batched torch.linalg.svd) | randomized (range finder), via cl_runner.ops |
+    # auto: per shape, whichever was measured faster at the first task start that decomposed
+    # it (both run then), the range finder only where its residual ||W - U U^T W||_F exceeds
+    # the exact one's by at most svd_auto_tolerance (relative). Unsharded runs; sharded: exact.
     svd_method: str = "exact"
+    svd_auto_tolerance: float = 0.02
     svd_oversample: int = 10
     svd_power_iters: int = 2
     # Keep AdamW's state across tasks instead of a fresh optimizer per task.
@@ -212,6 +216,8 @@ class SVDOrthogonal(Strategy):
                   "use a fraction in (0, 1]")
         require(c.svd_oversample >= 0, "strategy.svd_oversample", c.svd_oversample, "use >= 0")
         require(c.svd_power_iters >= 0, "strategy.svd_power_iters", c.svd_power_iters, "use >= 0")
+        require(c.svd_auto_tolerance >= 0, "strategy.svd_auto_tolerance", c.svd_auto_tolerance,
+                "use a relative excess residual >= 0 (0.02: the sketch may leave 2% more of W out)")
         self.targets: list[Target] = []
         self.groups: Optional[ProjectionGroups] = None
         self.sharded = None  # ShardedSubspaces under trainer.sharding=fsdp
@@ -225,6 +231,8 @@ class SVDOrthogonal(Strategy):
         self._grad_clock = _ProjectionClock()
         self._update_clock = _ProjectionClock()
         self._steps = 0
+        # svd_method=auto: shape "mxn" -> the method chosen and what was measured to choose it
+        self._svd_choices: dict[str, dict[str, Any]] = {}
         self._eval_batch_size: Optional[int] = None  # evaluation.batch_size, from check_run_config
         # measure_drift: the targets and bases at the task start (unsharded only)
         self._drift_start: Optional[list[torch.Tensor]] = None
@@ -332,6 +340,8 @@ class SVDOrthogonal(Strategy):
             bases, stats = ops.top_k_bases(weights, ks, method="exact", **options)
             return bases, list(stats.residual_fro)
         sketched = [2 * (k + c.svd_oversample) <= min(w.shape) for w, k in zip(weights, ks)]
+        if c.svd_method == "auto":
+            return self._decompose_auto(weights, ks, sketched, options)
         bases: list = [None] * len(weights)
         residuals = [0.0] * len(weights)
         for method, wanted in (("randomized", True), ("exact", False)):
@@ -343,6 +353,46 @@ class SVDOrthogonal(Strategy):
                 bases[i], residuals[i] = got[j], stats.residual_fro[j]
         return bases, residuals
 
+    def _decompose_auto(self, weights: list[torch.Tensor], ks: list[int], sketched: list[bool],
+                        options: dict[str, Any]):
+        """svd_method=auto: per shape, the method measured faster on its targets (where the
+        sketch may run at all), the range finder only within svd_auto_tolerance of the exact
+        residual. The first task start that decomposes a shape runs both and keeps the choice
+        (self._svd_choices, checkpointed); later ones run the chosen method only."""
+        bases: list = [None] * len(weights)
+        residuals = [0.0] * len(weights)
+
+        def run(idx: list[int], method: str) -> tuple[list, list[float], float]:
+            started = time.perf_counter()
+            got, stats = ops.top_k_bases([weights[i] for i in idx], [ks[i] for i in idx], method=method, **options)
+            _sync(weights[idx[0]].device)
+            return got, list(stats.residual_fro), time.perf_counter() - started
+
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, w in enumerate(weights):
+            by_shape.setdefault(tuple(w.shape), []).append(i)
+        for shape, idx in by_shape.items():
+            eligible = [i for i in idx if sketched[i]]
+            plain = [i for i in idx if not sketched[i]]
+            key = "x".join(map(str, shape))
+            if eligible and key not in self._svd_choices:
+                exact, exact_res, exact_s = run(eligible, "exact")
+                sketch, sketch_res, sketch_s = run(eligible, "randomized")
+                gap = max((r - e) / max(e, 1e-12) for r, e in zip(sketch_res, exact_res))
+                method = "randomized" if gap <= self.config.svd_auto_tolerance and sketch_s < exact_s else "exact"
+                self._svd_choices[key] = {"method": method, "exact_seconds": exact_s, "randomized_seconds": sketch_s,
+                                          "residual_excess": gap, "targets": len(eligible)}
+                got, res = (sketch, sketch_res) if method == "randomized" else (exact, exact_res)
+            elif eligible:
+                got, res, _ = run(eligible, self._svd_choices[key]["method"])
+            for j, i in enumerate(eligible):
+                bases[i], residuals[i] = got[j], res[j]
+            if plain:
+                got, res, _ = run(plain, "exact")
+                for j, i in enumerate(plain):
+                    bases[i], residuals[i] = got[j], res[j]
+        return bases, residuals
+
     def sharded_bases(self, t: int, task: Task, ks: list[int], source: str, importance_seconds: float,
                        started: float, svd_started: float) -> None:
         """The task's bases on FSDP-sharded targets: each SVD on one rank in turn."""
@@ -352,7 +402,8 @@ class SVDOrthogonal(Strategy):
         residuals = torch.zeros(len(self.targets), dtype=torch.float64)
 
         def decompose(w: torch.Tensor, k: int, i: int):
-            ((u, v),), stats = ops.top_k_bases([w], [k], method=c.svd_method, oversample=c.svd_oversample,
+            method = "exact" if c.svd_method == "auto" else c.svd_method
+            ((u, v),), stats = ops.top_k_bases([w], [k], method=method, oversample=c.svd_oversample,
                                            power_iters=c.svd_power_iters, out_dtype=torch.float32,
                                            return_stats=True, seed=self.ctx.seed + t)
             residuals[i] = stats.residual_fro[0]
@@ -536,6 +587,7 @@ class SVDOrthogonal(Strategy):
             "importance_per_target": {k: list(v) for k, v in self._importance_per_target.items()},
             "grad_seconds": self._grad_clock.settle(), "update_seconds": self._update_clock.settle(),
             "steps": self._steps, "projection_point": self.config.projection_point,
+            "svd_choices": dict(self._svd_choices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -567,6 +619,7 @@ class SVDOrthogonal(Strategy):
         self._grad_clock = _ProjectionClock(state["grad_seconds"])
         self._update_clock = _ProjectionClock(state["update_seconds"])
         self._steps = state["steps"]
+        self._svd_choices = dict(state.get("svd_choices", {}))
         if self._in_task:  # resumed mid-task: before_task is not called again
             self._freeze_untargeted()
             if self.groups is not None and self.projects_gradient:
@@ -610,6 +663,7 @@ class SVDOrthogonal(Strategy):
             "weight_projection_seconds": self._update_clock.settle(),
             "projection_steps": self._steps,
             "basis_bytes": self._basis_bytes(),
+            "svd_choices": dict(self._svd_choices),
             "state_bytes": self.extra_state_bytes(),
         }
 
