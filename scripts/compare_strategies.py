@@ -86,6 +86,13 @@ STRATEGIES: dict[str, list[str]] = {
     # of one per example (500 x 30 steps of batch 32 a task, ~12 h a run here; 4 a task took
     # 17 min a row), and replay of 16 stored examples every 250 new ones (the paper's 1% would
     # replay 5 examples a task).
+    # LFPT5 generates its replay, which an encoder classifier cannot: run it on SmolLM2
+    # (--preset smollm2_quick), 20 virtual tokens instead of 300 (300 would more than double
+    # every sequence on a 2-core CPU), at a prompt-tuning lr; samples of at most 96 tokens, one
+    # round of sampling a task (each sampled token is a decoding step: 255-token samples in
+    # three rounds took ~8 min a task start here).
+    "lfpt5_p20": ["strategy=lfpt5", "model.prompt.length=20", "trainer.lr=1e-2", "strategy.max_sample_tokens=96",
+                  "strategy.generation_rounds=1"],
     "mbpa_cpu": ["strategy=mbpa", "strategy.share_neighbours=500", "strategy.replay_every_examples=250",
                  "strategy.replay_examples=16"],
 }

@@ -76,6 +76,9 @@ class LFPT5Config:
     # Rounds of sampling to fill a task's quota (each samples what is still missing, twice over).
     generation_rounds: int = 3
     generation_batch_size: int = 16
+    # New tokens a sample may have (input, marker and answer); null = what model.max_length
+    # leaves after the task marker. Sampling costs one decoding step per token.
+    max_sample_tokens: Optional[int] = None
 
 
 @register("lfpt5", config=LFPT5Config,
@@ -103,6 +106,8 @@ class LFPT5(PromptStrategy):
                 "use at least one round")
         require(config.generation_batch_size >= 1, "strategy.generation_batch_size", config.generation_batch_size,
                 "use a positive batch size")
+        require(config.max_sample_tokens is None or config.max_sample_tokens >= 1, "strategy.max_sample_tokens",
+                config.max_sample_tokens, "use a positive count, or null for what model.max_length leaves")
         self.task = 0
         self.pseudo: dict[int, list[Example]] = {}  # task -> the pseudo examples mixed into it
         self.counts: dict[int, dict[str, dict[str, int]]] = {}  # task -> earlier task -> asked/sampled/kept
@@ -159,6 +164,8 @@ class LFPT5(PromptStrategy):
         kept: list[Example] = []
         sampled = 0
         budget = max(1, collate.max_length - len(collate.tok.encode(task_marker(earlier.name))) - 1)
+        if cfg.max_sample_tokens is not None:
+            budget = min(budget, cfg.max_sample_tokens)
         for round_ in range(cfg.generation_rounds):
             missing = wanted - len(kept)
             if missing <= 0:

@@ -219,3 +219,20 @@ def test_state_round_trip_keeps_the_pseudo_examples_and_the_teacher():
 def test_bad_options_name_their_key(options, key):
     with pytest.raises(ValueError, match=key):
         LFPT5(LFPT5Config(**options))
+
+
+def test_samples_are_as_long_as_max_length_leaves_or_max_sample_tokens(monkeypatch):
+    budgets = []
+
+    def fake_generate(model, collate, prompts, max_new_tokens, **kw):
+        budgets.append(max_new_tokens)
+        return ["x __ans__ yes"] * len(prompts)
+
+    monkeypatch.setattr(lfpt5_module, "generate_texts", fake_generate)
+    stream = make_stream()
+    collate = types.SimpleNamespace(tok=ByteTokenizer(), max_length=64)
+    for cap, expected in ((None, 64 - len("__gen__ a") - 1), (20, 20)):
+        strategy = LFPT5(LFPT5Config(pseudo_ratio=0.5, max_sample_tokens=cap))
+        strategy.ctx = fake_ctx(stream, model=torch.nn.Linear(1, 1), collate=collate)
+        strategy.before_task(1, stream[1])
+        assert budgets[-1] == expected
