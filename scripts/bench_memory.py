@@ -72,6 +72,9 @@ def parse_args():
     p.add_argument("--name", default=None, help="output file stem (default memory, --tiny: memory_tiny)")
     p.add_argument("--out", default=os.path.join(REPO, "results", "bench"))
     p.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
+    p.add_argument("--replan", default=None, metavar="JSON",
+                   help="run nothing: take the measured rows of an earlier output (its .json) and write the report "
+                        "again with the plans of this code (e.g. after a change to the memory plan)")
     return p.parse_args()
 
 
@@ -155,6 +158,43 @@ def run_config(overrides: list[str]):
         return validate(compose(config_name="config", overrides=list(overrides)))
 
 
+def longest_training_sequence(overrides: list[str]) -> Optional[int]:
+    """Tokens of the bench stream's longest training example as the run batches it (bos +
+    prompt + answer + eos, the model's tokenizer): the width its batches pad to, where the
+    plan counts activations at model.max_length. None when the tokenizer is not at hand."""
+    from cl_runner.models.batching import Collator
+    from cl_runner.streams.build import build_stream
+
+    cfg = run_config(overrides)
+    try:
+        if cfg.model.tokenizer == "byte":
+            from cl_runner.models.tokenizers import ByteTokenizer
+
+            tok = ByteTokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            from cl_runner.models.build import resolve_gguf_file
+            from cl_runner.models.gguf_cache import converted_folder
+            from cl_runner.models.tokenizers import HFTokenizer
+
+            if cfg.model.get("gguf_file"):
+                import torch
+                from transformers import AutoModelForCausalLM
+
+                folder = converted_folder(resolve_gguf_file(cfg.model), cfg.model.cache_dir, AutoModelForCausalLM,
+                                          dict(dtype=torch.float32))
+            else:
+                folder = cfg.model.path
+            tok = HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - the plan at max_length still stands
+        print(f"[bench_memory] no tokenizer for the sequence length ({type(err).__name__}: {err})", flush=True)
+        return None
+    stream = build_stream(cfg.task_stream, cfg.model.kind, cfg.seed)
+    collate = Collator(cfg.model.kind, tok, cfg.model.max_length)
+    return max(int(collate(task.train)["input_ids"].shape[1]) for task in stream)
+
+
 def plan_for(overrides: list[str], world: int, sharding: str):
     from cl_runner.memory_plan import build_plan
 
@@ -209,15 +249,29 @@ def main() -> None:
     weight_bytes = facts.params * 4
     print(f"bench model: {' '.join(model)} -> {facts.params:,} parameters ({size(weight_bytes)} in float32)",
           flush=True)
-    base = baseline_rss(args.device, args.mmap_threshold) if args.device == "cpu" else None
+    earlier = None
+    if args.replan:
+        with open(args.replan) as f:
+            earlier = json.load(f)
+        base = earlier.get("baseline_rss_bytes")
+    else:
+        base = baseline_rss(args.device, args.mmap_threshold) if args.device == "cpu" else None
+    seq_len = longest_training_sequence(["logger=none", *model, *RUN])
 
     workdir = tempfile.mkdtemp(prefix="bench_memory_")
     rows: list[dict[str, Any]] = []
+    measured_rows = {(r["world"], r["strategy"]): r for r in earlier["rows"]} if earlier else {}
     try:
         for world in worlds:
             for strategy in strategies:
-                print(f"[bench_memory] world {world} {strategy} ...", flush=True)
-                row = measure(world, strategy, model, workdir, args)
+                if earlier is not None:
+                    row = measured_rows.get((world, strategy))
+                    if row is None:
+                        continue
+                    row = {k: v for k, v in row.items() if not k.startswith("plan")}
+                else:
+                    print(f"[bench_memory] world {world} {strategy} ...", flush=True)
+                    row = measure(world, strategy, model, workdir, args)
                 try:
                     plan = plan_for(["logger=none", *model, *RUN, *STRATEGIES[strategy]], world, row["sharding"])
                     row["plan_state_bytes"] = plan.bytes_of("strategy state")
@@ -229,6 +283,13 @@ def main() -> None:
                         measured -= base
                     row["measured_for_plan"] = measured
                     row.update(compare_plan(plan.per_rank_total, measured, not_counted(plan)))
+                    if seq_len is not None:
+                        # The same plan with activations at the run's real sequence length.
+                        at_seq = plan_for(["logger=none", *model, *RUN, *STRATEGIES[strategy],
+                                           f"model.max_length={seq_len}"], world, row["sharding"])
+                        row["plan_seq_len"] = seq_len
+                        row["plan_total_at_seq"] = at_seq.per_rank_total
+                        row["plan_ratio_at_seq"] = at_seq.per_rank_total / measured if measured else None
                 except Exception as err:  # noqa: BLE001 - a plan failure is a row note, not the end
                     row["plan_error"] = f"{type(err).__name__}: {err}"
                 print(f"  -> {row.get('error') or mib(row.get('peak_memory_bytes'))}", flush=True)
@@ -273,7 +334,8 @@ def main() -> None:
               f"The plan's total per rank (every row, activations and working sets included) against the {above}; "
               f"within {PLAN_TOLERANCE:.0%} or not, and if not, what the plan says it leaves out.", "",
               f"| world | strategy | sharding | plan: total per rank | measured ({above}) | plan / measured | "
-              "within 20% | the plan leaves out |", "|---|---|---|---|---|---|---|---|"]
+              "within 20% | the plan leaves out | plan at the run's sequence length | its plan / measured | "
+              "within 20% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     left_out: list[str] = []  # each note once, below the table; rows cite its number
     for r in rows:
         within = {True: "yes", False: "no", None: "-"}[r.get("plan_within")]
@@ -284,10 +346,39 @@ def main() -> None:
             cites.append(f"[{left_out.index(note) + 1}]")
         out = " ".join(cites) or ("FAILED run" if r.get("error") else "")
         plan_ratio = "-" if r.get("plan_ratio") is None else f"{r['plan_ratio']:.2f}"
+        seq_ratio = r.get("plan_ratio_at_seq")
+        seq_within = "-" if seq_ratio is None else ("yes" if abs(seq_ratio - 1) <= PLAN_TOLERANCE else "no")
         lines.append(f"| {r['world']} | {r['strategy']} | {r['sharding']} | {mib(r.get('plan_total_per_rank'))} | "
-                     f"{mib(r.get('measured_for_plan'))} | {plan_ratio} | {within} | {out} |")
+                     f"{mib(r.get('measured_for_plan'))} | {plan_ratio} | {within} | {out} | "
+                     f"{mib(r.get('plan_total_at_seq'))} | {'-' if seq_ratio is None else f'{seq_ratio:.2f}'} | "
+                     f"{seq_within} |")
     if left_out:
         lines += [""] + [f"[{i + 1}] {note}" for i, note in enumerate(left_out)]
+    # What a strategy adds to seq_ft's memory, planned and measured: the number a user
+    # compares strategies by; a cost common to every run (loading, allocator) drops out.
+    base_rows = {r["world"]: r for r in rows if r["strategy"] == "seq_ft"}
+    key = "plan_total_at_seq" if seq_len is not None else "plan_total_per_rank"
+    increments = []
+    for r in rows:
+        b = base_rows.get(r["world"])
+        if r["strategy"] == "seq_ft" or b is None or r.get("measured_for_plan") is None \
+                or b.get("measured_for_plan") is None or r.get(key) is None or b.get(key) is None:
+            continue
+        measured_inc, plan_inc = r["measured_for_plan"] - b["measured_for_plan"], r[key] - b[key]
+        r["increment_measured"], r["increment_planned"] = measured_inc, plan_inc
+        within_inc = measured_inc > 0 and abs(plan_inc / measured_inc - 1) <= PLAN_TOLERANCE
+        increments.append(f"| {r['world']} | {r['strategy']} | {r['sharding']} | {mib(plan_inc)} | {mib(measured_inc)} "
+                          f"| {'-' if measured_inc <= 0 else f'{plan_inc / measured_inc:.2f}'} | "
+                          f"{'yes' if within_inc else 'no'} |")
+    if increments:
+        lines += ["", "What each strategy adds to seq_ft at the same world size (the plan" +
+                  (" at the run's sequence length" if seq_len is not None else "") + " against the measured peaks):",
+                  "", "| world | strategy | sharding | planned increment | measured increment | planned / measured | "
+                  "within 20% |", "|---|---|---|---|---|---|---|", *increments]
+    if seq_len is not None:
+        lines += ["", f"The plan counts activations at model.max_length tokens a sequence; the run's batches pad "
+                      f"to their longest example, {seq_len} tokens here. The last three columns are the plan made "
+                      f"with model.max_length={seq_len}, what a user sizing a run on data of that length gets."]
 
     lines += ["", "## Planned: llama2_7b_chat on 8 x 80 GB", "",
               f"`cl-run dry_run=true {' '.join(PLAN_7B)} trainer.sharding=fsdp plan_world_size=8 strategy=<s>` "
@@ -314,7 +405,7 @@ def main() -> None:
         lines += ["", "The svd_orthogonal plan in full:", "", "```", format_plan(plans["svd_orthogonal"]), "```"]
     print("\n".join(lines))
     results = {"model_overrides": model, "params": facts.params, "run_overrides": RUN, "device": args.device,
-               "baseline_rss_bytes": base, "rows": rows,
+               "baseline_rss_bytes": base, "rows": rows, "sequence_length": seq_len,
                "plan_7b": {s: p.as_dict() for s, p in plans.items()}}
     default = f"memory_{args.model}" if args.model else "memory_tiny" if args.tiny else "memory"
     write_bench_outputs(args.out, args.name or default, lines, results,

@@ -55,6 +55,9 @@ from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
 
 PSEUDO_INPUTS = ("generated", "stored")
+# Inner phases scripts/profile_strategy.py times ({method: phase name}).
+PHASES = {"_make_pseudo": "lfpt5/pseudo_examples", "_generation_loss": "lfpt5/generation_objective",
+          "_label_consistency": "lfpt5/kl"}
 
 
 @dataclass
