@@ -52,6 +52,10 @@ EXTRA_MULTIPROCESS = {
     # The anneal takes the global batch in lock-step like training; annealed weights are kept.
     "hft+infinite_annealed": (["strategy=hft", "lr_schedule.enabled=true", "lr_schedule.curve=infinite",
                                "lr_schedule.anneal_steps=2", "lr_schedule.resume_from=annealed"], ("ddp", "fsdp")),
+    # svd_method=auto under DDP: rank 0's timings decide for every rank (tolerance 0 makes the
+    # choice exact everywhere, so the 1-process run, timed on its own, chooses the same).
+    "svd_auto": (["strategy=svd_orthogonal", "strategy.svd_method=auto", "strategy.svd_oversample=2",
+                  "strategy.svd_auto_tolerance=0"], ("ddp",)),
     # LoRA dropout off, like the model's: one process draws other masks than two would.
     "seq_ft_lora": (["model.adapter=lora", "model.lora.dropout=0"], ("ddp",)),
     "classp_quantile": (["strategy=classp", "strategy.threshold_mode=quantile", "strategy.update_fraction=0.2",

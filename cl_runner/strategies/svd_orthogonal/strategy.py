@@ -378,6 +378,7 @@ class SVDOrthogonal(Strategy):
             if eligible and key not in self._svd_choices:
                 exact, exact_res, exact_s = run(eligible, "exact")
                 sketch, sketch_res, sketch_s = run(eligible, "randomized")
+                exact_s, sketch_s = _same_on_every_rank(exact_s, sketch_s, device=weights[eligible[0]].device)
                 gap = max((r - e) / max(e, 1e-12) for r, e in zip(sketch_res, exact_res))
                 method = "randomized" if gap <= self.config.svd_auto_tolerance and sketch_s < exact_s else "exact"
                 self._svd_choices[key] = {"method": method, "exact_seconds": exact_s, "randomized_seconds": sketch_s,
@@ -666,6 +667,18 @@ class SVDOrthogonal(Strategy):
             "svd_choices": dict(self._svd_choices),
             "state_bytes": self.extra_state_bytes(),
         }
+
+
+def _same_on_every_rank(*seconds: float, device: torch.device) -> tuple[float, ...]:
+    """Rank 0's timings on every process (DDP): each rank timed its own SVDs, and a choice
+    made from different numbers would give the ranks different bases."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return seconds
+    values = torch.tensor(seconds, dtype=torch.float64, device=device)
+    dist.broadcast(values, src=0)
+    return tuple(float(v) for v in values.tolist())
 
 
 class _ProjectionClock:
