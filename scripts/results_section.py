@@ -25,7 +25,8 @@ SOURCES = (
     ("minilm_learnable", "MiniLM (22M encoder classifier), amazon → SST-2 → agnews, 500 train / 500 test "
                          "items a task", True),
     ("minilm_learnable/issue19", "The same stream, a later batch with its own seq_ft runs (time/step: a mean over "
-                                 "seeds that shared the CPU with other work; seed-0 ratios in its README)", True),
+                                 "seeds that shared the CPU; seed-0 ratios in its README)", True),
+    ("minilm_learnable/issue20", "L2P, ProgPrompt, MbPA++ on the same stream", False),
     ("smollm2_quick", "SmolLM2-135M-Instruct, four tasks as generation, 12 test items a task", False),
 )
 
@@ -94,7 +95,7 @@ def section(root: Path = REPO) -> str:
         link = f"[results/reproduce/{folder}](results/reproduce/{folder}/{page})"
         parts += [f"**{title}** ({link}):", "", table(csv_path), ""] if in_readme else [f"**{title}**: {link}.", ""]
     parts += ["Mean ± 95% CI (t over seeds; one seed: a bootstrap over test items, in parentheses). Δ: the mean "
-              "paired difference, * = its interval excludes 0 (intervals in comparison.md); adapter runs are "
+              "paired difference, * = its interval excludes 0; adapter runs are "
               "compared with the adapter's own seq_ft. time/step and memory (peak RSS): ratios to full-model seq_ft "
               "in the same comparison.", "", END]
     return "\n".join(parts)
