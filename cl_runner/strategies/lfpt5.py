@@ -55,6 +55,7 @@ from cl_runner.strategies.registry import register
 from cl_runner.streams.task import Example, Task
 
 PSEUDO_INPUTS = ("generated", "stored")
+SAMPLES_SHOWN = 3  # generated texts kept per earlier task for the report
 # Inner phases scripts/profile_strategy.py times ({method: phase name}).
 PHASES = {"_make_pseudo": "lfpt5/pseudo_examples", "_generation_loss": "lfpt5/generation_objective",
           "_label_consistency": "lfpt5/kl"}
@@ -114,6 +115,8 @@ class LFPT5(PromptStrategy):
         self.task = 0
         self.pseudo: dict[int, list[Example]] = {}  # task -> the pseudo examples mixed into it
         self.counts: dict[int, dict[str, dict[str, int]]] = {}  # task -> earlier task -> asked/sampled/kept
+        # task -> earlier task -> the first samples as generated (why few parse, at a glance)
+        self.samples: dict[int, dict[str, list[str]]] = {}
         self.teacher: Optional[dict[str, torch.Tensor]] = None  # the prompt as the task started
         self._captured: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._own_forward = False
@@ -149,7 +152,7 @@ class LFPT5(PromptStrategy):
     def _make_pseudo(self, t: int, new_examples: int) -> list[Example]:
         quota = pseudo_quota(new_examples, self.config.pseudo_ratio, t)
         made: list[Example] = []
-        self.counts[t] = {}
+        self.counts[t], self.samples[t] = {}, {}
         for k, wanted in enumerate(quota):
             earlier = self.ctx.stream[k]
             seed = self.ctx.seed * 1_000_003 + t * 1_000 + k
@@ -178,6 +181,8 @@ class LFPT5(PromptStrategy):
                                    sample=True, top_k=cfg.top_k, temperature=cfg.temperature, seed=seed + round_,
                                    batch_size=cfg.generation_batch_size)
             sampled += len(texts)
+            self.samples.setdefault(self.task, {}).setdefault(earlier.name, []).extend(
+                texts[:SAMPLES_SHOWN - len(self.samples.get(self.task, {}).get(earlier.name, []))])
             for text in texts:
                 example = parse_generated(text, earlier.name, earlier.labels)
                 if example is not None and len(kept) < wanted:
@@ -268,12 +273,13 @@ class LFPT5(PromptStrategy):
         return tensor_bytes(self.teacher) if self.teacher else 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "teacher": self.teacher, "counts": self.counts,
+        return {"task": self.task, "teacher": self.teacher, "counts": self.counts, "samples": self.samples,
                 "pseudo": {t: [(ex.prompt, ex.answer, ex.task) for ex in made] for t, made in self.pseudo.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.task = int(state.get("task", 0))
         self.counts = {int(t): c for t, c in state.get("counts", {}).items()}
+        self.samples = {int(t): c for t, c in state.get("samples", {}).items()}
         self.pseudo = {int(t): [Example(prompt=p, answer=a, task=n) for p, a, n in made]
                        for t, made in state.get("pseudo", {}).items()}
         saved = state.get("teacher")
@@ -287,4 +293,6 @@ class LFPT5(PromptStrategy):
         names = self.ctx.stream.names if self.ctx is not None else []
         return {"pseudo_inputs": self.config.pseudo_inputs, "pseudo_ratio": self.config.pseudo_ratio,
                 "lm_lambda": self.config.lm_lambda, "kd_lambda": self.config.kd_lambda,
-                "pseudo_examples": {(names[t] if t < len(names) else str(t)): c for t, c in sorted(self.counts.items())}}
+                "pseudo_examples": {(names[t] if t < len(names) else str(t)): c for t, c in sorted(self.counts.items())},
+                "generated_samples": {(names[t] if t < len(names) else str(t)): c
+                                      for t, c in sorted(self.samples.items())}}

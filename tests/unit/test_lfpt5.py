@@ -100,6 +100,8 @@ def test_pseudo_examples_are_mixed_in_at_the_ratio(monkeypatch):
     assert {ex.answer for ex in pseudo if ex.task == "a"} == {"yes"}
     assert asked[0] == (task_marker("a"), 6, True, 64)  # twice the quota, sampled top-k 64
     assert strategy.counts[2] == {"a": {"asked": 3, "sampled": 6, "kept": 3}, "b": {"asked": 3, "sampled": 6, "kept": 3}}
+    # the first samples as generated, parsed or not, for the report
+    assert strategy.report()["generated_samples"]["c"]["a"] == ["made a 0 __ans__ yes", "garbage", "made a 2 __ans__ yes"]
     # the first task has nothing to replay
     strategy.before_task(0, stream[0])
     assert strategy.train_examples(0, stream[0], stream[0].train) == stream[0].train
