@@ -76,9 +76,12 @@ def interrupted(tmp_path_factory):
     work = tmp_path_factory.mktemp("interrupted")
     run_dir = work / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    # A test process started in the background of a non-interactive shell (`make test &`)
+    # inherits SIGINT ignored, and so would the run: give it the default disposition.
     proc = subprocess.Popen([sys.executable, "-m", "cl_runner.cli", "logger=none", *INTERRUPTIBLE,
                              f"output_dir={run_dir}"], cwd=work, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((run_dir / "checkpoints").glob("task001_*.pt")) and proc.poll() is None \
             and time.monotonic() < deadline:
