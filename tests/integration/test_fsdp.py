@@ -58,8 +58,9 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         assert gap < tol, (name, float(gap))
 
 
-# svd_orthogonal at 4 processes is slow: its 2-process sharded run is in the conformance suite.
-@pytest.mark.parametrize("case", [pytest.param("svd_orthogonal", marks=pytest.mark.slow), "ewc"])
+# 4 processes are slow (30 s a case): their 2-process sharded runs are in the conformance suite.
+@pytest.mark.parametrize("case", [pytest.param("svd_orthogonal", marks=pytest.mark.slow),
+                                  pytest.param("ewc", marks=pytest.mark.slow)])
 def test_four_sharded_processes_match_one_unsharded(case, tmp_path):
     overrides = BASE + CASES[case]
     four = sharded_run(4, overrides, tmp_path / "four", tmp_path)

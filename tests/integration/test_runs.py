@@ -83,6 +83,7 @@ def test_resume_gives_the_same_R_as_an_uninterrupted_run(tmp_path, monkeypatch, 
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
 
 
+@pytest.mark.slow  # 33 s; make test-all runs it (make test keeps the conformance suite's multitask runs)
 def test_multitask_is_the_upper_bound(tmp_path):
     two = ["task_stream.order=[increment,decrement]", "task_stream.test_size=50", "trainer.steps_per_task=120"]
     seq, _ = run_cl(two, tmp_path)

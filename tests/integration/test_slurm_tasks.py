@@ -53,7 +53,8 @@ def slurm_tasks(overrides: list[str], cwd, ntasks: int = 2) -> list[subprocess.C
     return done
 
 
-@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+# The mapping is the same with and without sharding; the unsharded job is in make test-all.
+@pytest.mark.parametrize("sharding", [pytest.param("none", marks=pytest.mark.slow), "fsdp"])
 def test_two_slurm_tasks_make_one_distributed_run(sharding, tmp_path):
     run_dir = tmp_path / "run"
     done = slurm_tasks(TINY + [f"trainer.sharding={sharding}", f"output_dir={run_dir}"], tmp_path)
