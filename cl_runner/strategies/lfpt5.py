@@ -41,7 +41,7 @@ from torch import nn
 from cl_runner.errors import require, require_choice
 from cl_runner.models.prompts import SinglePrompt
 from cl_runner.strategies.base import Batch, StrategyContext, tensor_bytes
-from cl_runner.strategies.lwf import distillation_kl, distilled_rows, model_inputs
+from cl_runner.strategies.lwf import distillation_kl, distilled_rows, frozen_logits, model_inputs
 from cl_runner.strategies.memory import FP32, PlanInputs, StrategyEstimate, count
 from cl_runner.strategies.parts.generative_replay import (
     generate_texts,
@@ -233,15 +233,10 @@ class LFPT5(PromptStrategy):
                 student = model(**model_inputs(batch, kind)).logits
             finally:
                 self._own_forward = False
-        was_training = model.training
         self._own_forward = True
-        model.eval()
         try:
-            with torch.no_grad():
-                teacher = torch.func.functional_call(model, self.teacher, args=(), kwargs=model_inputs(batch, kind),
-                                                     strict=False).logits
+            teacher = frozen_logits(model, self.teacher, batch, kind)
         finally:
-            model.train(was_training)
             self._own_forward = False
         if kind == "causal":  # the virtual tokens come first: drop their logits
             student, teacher = student[:, -ids.shape[1]:], teacher[:, -ids.shape[1]:]

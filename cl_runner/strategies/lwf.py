@@ -122,6 +122,19 @@ def lwf_term(student: torch.Tensor, teacher: torch.Tensor, batch: Batch, kind: s
     return scale * reduced
 
 
+def frozen_logits(model: nn.Module, tensors: dict[str, torch.Tensor], batch: Batch, kind: str) -> torch.Tensor:
+    """The model's logits on `batch` with `tensors` swapped in for its own (a teacher's
+    weights; frozen base weights shared, never copied), in eval mode, without a graph."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, tensors, args=(), kwargs=model_inputs(batch, kind), strict=False)
+        return out.logits.detach()
+    finally:
+        model.train(was_training)
+
+
 def model_inputs(batch: Batch, kind: str) -> Batch:
     """The forward's keyword arguments (the loss's own: classifiers get no labels)."""
     if kind == "classifier":
@@ -210,17 +223,10 @@ class LearningWithoutForgetting(Strategy):
             self._in_teacher = False
 
     def _teacher_logits(self, batch: Batch, kind: str) -> torch.Tensor:
-        model = self.ctx.unwrapped_model
-        was_training = model.training
-        self._in_teacher = True
-        model.eval()
+        self._in_teacher = True  # not a capture
         try:
-            with torch.no_grad():
-                out = torch.func.functional_call(model, self.teacher, args=(), kwargs=model_inputs(batch, kind),
-                                                 strict=False)
-            return out.logits.detach()
+            return frozen_logits(self.ctx.unwrapped_model, self.teacher, batch, kind)
         finally:
-            model.train(was_training)
             self._in_teacher = False
 
     # -- bookkeeping ------------------------------------------------------------------------
